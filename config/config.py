@@ -1,0 +1,105 @@
+"""Configuration of a D-Fusion run (SPEC section 2: the release's `get_config()`).
+
+Every field is overridable on the command line as `--config.a.b value`.
+`--config config/config.py:tiny` selects the offline demo: a tiny random-weight
+Stable Diffusion and a tiny CLIP scorer, built on first use into `tiny_cache`.
+"""
+
+import ml_collections
+
+
+def release_config():
+    config = ml_collections.ConfigDict()
+
+    config.seed = 42
+    config.mixed_precision = "fp16"  # "fp16", "bf16" or "no"; CPU runs always use fp32
+    config.allow_tf32 = True
+    config.use_lora = True
+    config.save_path = "./data"
+    config.exp_name = ""
+    config.dev_id = 0
+    # prompts: one prompt, or a JSON list of prompts in `prompt_file`
+    config.prompt = "a cat playing chess"
+    config.prompt_file = ""
+    # objects of each prompt and their mask thresholds (SPEC section 6)
+    config.mask_thr = 0.05
+    config.mask_thr_file = ""
+    config.item_idx = [1, 3]
+    config.item_idx_file = ""
+    # which attention components, steps and blocks fuse: self Q, K, V, cross Q, K, V
+    config.inject_component = "T,T,T,T,T,F"
+    config.inject_t = "0-18,0-18,0-18,0-18,0-18,"
+    config.inject_l = "3-6,3-6,3-6,3-6,3-6,"
+
+    config.pretrained = pretrained = ml_collections.ConfigDict()
+    pretrained.model = "stabilityai/stable-diffusion-2-1-base"
+    pretrained.revision = "main"
+
+    config.sample = sample = ml_collections.ConfigDict()
+    sample.num_steps = 20
+    sample.eta = 1.0
+    sample.guidance_scale = 5.0
+    sample.batch_size = 4
+    sample.num_batches_per_epoch = 1
+    sample.cfg = True
+
+    config.train = train = ml_collections.ConfigDict()
+    train.batch_size = 1
+    train.learning_rate = 1e-4
+    train.adam_beta1 = 0.9
+    train.adam_beta2 = 0.999
+    train.adam_weight_decay = 1e-4
+    train.adam_epsilon = 1e-8
+    train.gradient_accumulation_steps = 1
+    train.max_grad_norm = 1.0
+    train.num_inner_epochs = 2
+    train.cfg = True
+    train.timestep_fraction = 1.0
+    train.alpha = 1.0
+    train.beta = 0.0
+    train.gamma = 2.0
+    train.eps = 0.1
+    train.num_epochs = 20
+    train.adv_clip_max = 5.0
+    train.save_interval = 2
+    train.num_checkpoint_limit = 100
+    train.begin_epoch = 0
+    train.use_8bit_adam = False
+    return config
+
+
+def project_config(config):
+    """Fields this project adds to the release's (defaults keep the release's behaviour)."""
+    # build a tiny random-weight model into `tiny_cache` when `pretrained.model` is absent there
+    config.pretrained.tiny = False
+    config.tiny_cache = "./.cache/tiny"
+    config.threads = 0  # torch CPU threads; 0 leaves torch's default
+    return config
+
+
+def get_config(variant=None):
+    config = project_config(release_config())
+    if variant in (None, ""):
+        return config
+    if variant == "tiny":
+        return tiny(config)
+    raise ValueError(f"unknown config variant {variant!r}; known: tiny")
+
+
+def tiny(config):
+    """The offline demo: tiny random-weight models, small batches, a few steps, fp32 on CPU."""
+    config.pretrained.tiny = True
+    config.pretrained.model = config.tiny_cache + "/sd"
+    config.mixed_precision = "no"
+    config.threads = 1
+    config.prompt_file = "config/prompt/template1_3prompt.json"
+    config.mask_thr_file = "config/prompt/template1_mask.json"
+    config.item_idx_file = "config/prompt/template1_item.json"
+    config.sample.num_steps = 10
+    config.sample.batch_size = 4
+    config.sample.num_batches_per_epoch = 1
+    config.inject_t = "0-8,0-8,0-8,0-8,0-8,"
+    config.train.num_epochs = 2
+    config.train.num_inner_epochs = 1
+    config.train.save_interval = 1
+    return config

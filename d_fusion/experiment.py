@@ -1,0 +1,77 @@
+"""The D-Fusion loop, one epoch after another (SPEC section 1): sample -> score -> pair -> fuse -> train.
+
+Each stage's outputs are published under data/<exp_name>/epoch<k>/ as they are made; a restarted
+run reuses what is published and goes on from there.
+"""
+
+import logging
+
+import torch
+from tqdm.auto import tqdm
+
+from d_fusion.datadir import ExperimentDir, write_image
+from d_fusion.errors import UserError
+from d_fusion.injection import injection_from_config
+from d_fusion.logs import setup_logging
+from d_fusion.models import load_models_from_config
+from d_fusion.prompts import epoch_samples, load_prompts
+from d_fusion.sampling import decode_images, encode_prompts, sample_generators, sample_trajectories
+
+log = logging.getLogger(__name__)
+
+
+def set_threads(threads):
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def sample_epoch(config, models, epoch_dir, epoch, samples, negative_embeds):
+    """Sample every batch of the epoch not yet published; returns the number of samples."""
+    batch_size, num_samples = config.sample.batch_size, len(samples)
+    published = epoch_dir.published_prompts()
+    if published != samples[: len(published)]:
+        raise UserError(
+            f"{epoch_dir.prompts_file} lists other prompts than this run samples: "
+            "use another exp_name, or the prompt file and batch sizes of the earlier run"
+        )
+    first_batch = len(published) // batch_size
+    if first_batch:
+        log.info("epoch %d: reusing %d published samples", epoch, first_batch * batch_size)
+    for start in tqdm(
+        range(first_batch * batch_size, num_samples, batch_size), desc=f"epoch {epoch} sampling", unit="batch"
+    ):
+        indices = range(start, start + batch_size)
+        prompt_embeds = encode_prompts(models, [samples[start]]).expand(batch_size, -1, -1)
+        trajectories = sample_trajectories(
+            models,
+            prompt_embeds,
+            negative_embeds.expand(batch_size, -1, -1),
+            sample_generators(config.seed, epoch, num_samples, indices),
+            config.sample.num_steps,
+            config.sample.eta,
+            config.sample.guidance_scale,
+            config.sample.cfg,
+        )
+        images = decode_images(models, trajectories.latents[:, -1])
+        for row, index in enumerate(indices):
+            write_image(epoch_dir.image_path(index), images[row])
+            epoch_dir.save_trajectory(
+                index, trajectories.latents[row], trajectories.log_probs[row], trajectories.timesteps
+            )
+        epoch_dir.publish_samples(samples[: start + batch_size])
+    return num_samples
+
+
+def run_experiment(config):
+    set_threads(config.threads)
+    experiment = ExperimentDir(config.save_path, config.exp_name)
+    setup_logging(experiment.log_file)
+    prompts = load_prompts(config)
+    injection_from_config(config)  # a malformed fusion string fails here, before any work
+    samples = epoch_samples(prompts, config.sample.batch_size, config.sample.num_batches_per_epoch)
+    log.info("experiment %s: %d prompts, %d samples per epoch", experiment.root, len(prompts), len(samples))
+
+    models = load_models_from_config(config)
+    negative_embeds = encode_prompts(models, [""])
+    for epoch in tqdm(range(config.train.begin_epoch, config.train.num_epochs), desc="epoch", unit="epoch"):
+        sample_epoch(config, models, experiment.epoch(epoch), epoch, samples, negative_embeds)

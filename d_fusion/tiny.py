@@ -1,0 +1,168 @@
+"""Tiny random-weight models with the real architectures, for tests and the offline demo.
+
+`python -m d_fusion.tiny OUT_DIR` writes `OUT_DIR/sd`: a Stable Diffusion in the standard
+diffusers folder format, with SD 2.1 base's topology scaled down (three cross-attention down
+blocks and a plain one, a cross-attention mid block, mirrored up blocks, linear projections,
+several heads, epsilon prediction, SD's DDIM scheduler config) and a real CLIP BPE tokenizer
+built offline from the vocabulary open_clip ships. It loads through `from_pretrained` exactly
+as SD 2.1 does.
+"""
+
+import gzip
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import open_clip
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+TEXT_DIM = 32
+SAMPLE_SIZE = 16  # latent side; images are 8x larger
+
+# SD 2.1 base's scheduler config (scheduler/scheduler_config.json of the release model)
+SD_SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+    num_train_timesteps=1000,
+)
+
+
+def bytes_to_unicode():
+    """GPT-2/CLIP's reversible byte -> printable character table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def clip_vocabulary():
+    """CLIP's vocabulary and merges, as open_clip's tokenizer builds them from its BPE file."""
+    path = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
+    merges = gzip.open(path).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    merges = [tuple(m.split()) for m in merges]
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return {token: i for i, token in enumerate(vocab)}, merges
+
+
+def build_tokenizer(folder):
+    os.makedirs(folder, exist_ok=True)
+    vocab, merges = clip_vocabulary()
+    vocab_file, merges_file = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
+    with open(vocab_file, "w") as f:
+        json.dump(vocab, f)
+    with open(merges_file, "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return CLIPTokenizer(vocab_file, merges_file, pad_token="<|endoftext|>", model_max_length=77)
+
+
+def build_text_encoder(vocab_size):
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TEXT_DIM,
+        intermediate_size=2 * TEXT_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        projection_dim=TEXT_DIM,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    return CLIPTextModel(config)
+
+
+def build_unet(sample_size=SAMPLE_SIZE):
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 2, 4, 4),  # SD 2.x's field: the number of heads per block
+        cross_attention_dim=TEXT_DIM,
+        use_linear_projection=True,
+        norm_num_groups=8,
+    )
+
+
+def build_vae():
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=SAMPLE_SIZE * 8,
+        scaling_factor=0.18215,
+    )
+
+
+def build_tiny_sd(folder, seed=0):
+    """Write the tiny Stable Diffusion to `folder` (diffusers format)."""
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = build_tokenizer(scratch)
+        pipeline = StableDiffusionPipeline(
+            vae=build_vae(),
+            text_encoder=build_text_encoder(len(tokenizer)),
+            tokenizer=tokenizer,
+            unet=build_unet(),
+            scheduler=DDIMScheduler(**SD_SCHEDULER),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipeline.save_pretrained(folder, safe_serialization=True)
+
+
+def _build_atomically(build, folder):
+    """Build into a scratch folder beside `folder`, then rename: a reader never sees half a model."""
+    if os.path.isdir(folder):
+        return folder
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix=".building-", dir=parent)
+    try:
+        build(scratch)
+        os.rename(scratch, folder)
+    except OSError:
+        if not os.path.isdir(folder):
+            raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return folder
+
+
+def build_tiny_models(out_dir):
+    """Build every tiny model into `out_dir` (each only if missing); returns `out_dir`."""
+    _build_atomically(build_tiny_sd, os.path.join(out_dir, "sd"))
+    return out_dir
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m d_fusion.tiny OUT_DIR")
+    print(build_tiny_models(sys.argv[1]))

@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny real-architecture models, built once per test session."""
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A folder with the tiny models (`sd/`, ...) written by `python -m d_fusion.tiny`'s code."""
+    from d_fusion.tiny import build_tiny_models
+
+    return build_tiny_models(str(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tiny_dir):
+    """The tiny Stable Diffusion, loaded through the same path as SD 2.1 (fp32, CPU)."""
+    from d_fusion.models import load_models
+
+    return load_models(os.path.join(tiny_dir, "sd"), mixed_precision="no")
+
+
+@pytest.fixture
+def tiny_config(tiny_dir, tmp_path):
+    """The `tiny` config variant, pointed at the session's tiny models and a fresh data folder."""
+    from config.config import get_config
+
+    config = get_config("tiny")
+    config.tiny_cache = tiny_dir
+    config.pretrained.model = os.path.join(tiny_dir, "sd")
+    config.save_path = str(tmp_path / "data")
+    config.exp_name = "test"
+    return config
