@@ -2,13 +2,22 @@
 
     data/<exp_name>/
         run.log                       the sampler's log
+        finished.json                 written by the sampler when its last epoch is done
         epoch<k>/
             images/00000.png ...      first sampling pass, index = position in the epoch
             prompt.json               prompts of the published images, in index order
             trajectories/00000.safetensors   latents (T+1, C, H, W), log_probs (T,), timesteps (T,)
+            injected_images/00000.png ...    targets (D-Fusion), index = target index
+            injected_prompt.json      prompts of the published targets, in index order
+            eval/images_scores.json   CLIP scores of images/: {"count", "mean", "scores": [one per image]}
+            eval/injected_images_scores.json   the same for injected_images/
+            eval/prompt_history.json  per prompt, the scores of images/ of every epoch up to k
 
 Every file another process reads is written to a temporary name and renamed into place, so a
-reader sees the whole file or none of it.
+reader sees the whole file or none of it. An image set (`images/`, `injected_images/`) is
+published batch by batch: first the batch's PNGs, then its prompt list, rewritten to cover
+images 0..n-1. The prompt list is the set's manifest: a reader uses only the images it lists.
+Scores are written the same way, in index order, after each scored batch.
 """
 
 import json
@@ -76,40 +85,89 @@ def image_name(index):
     return f"{index:05d}.png"
 
 
-class EpochDir:
-    def __init__(self, root):
-        self.root = root
+class ImageSet:
+    """A set of an epoch's images (`images/` or `injected_images/`): PNGs, manifest, CLIP scores."""
 
-    def path(self, *parts):
-        return os.path.join(self.root, *parts)
-
-    @property
-    def images(self):
-        return self.path("images")
-
-    @property
-    def prompts_file(self):
-        return self.path("prompt.json")
-
-    @property
-    def trajectories(self):
-        return self.path("trajectories")
+    def __init__(self, epoch_root, name, prompts_name):
+        self.name = name
+        self.folder = os.path.join(epoch_root, name)
+        self.prompts_file = os.path.join(epoch_root, prompts_name)
+        self.scores_file = os.path.join(epoch_root, "eval", f"{name}_scores.json")
 
     def image_path(self, index):
-        return os.path.join(self.images, image_name(index))
-
-    def trajectory_path(self, index):
-        return os.path.join(self.trajectories, f"{index:05d}.safetensors")
+        return os.path.join(self.folder, image_name(index))
 
     def published_prompts(self):
         """Prompts of the images published so far (index order); [] before the first batch."""
         if not os.path.exists(self.prompts_file):
             return []
-        return read_json(self.prompts_file, "prompt list")
+        prompts = read_json(self.prompts_file, "prompt list")
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise UserError(f"prompt list {self.prompts_file} is not a JSON list of prompts; move it aside and rerun")
+        return prompts
+
+    def publish(self, prompts):
+        """Declare images 0..len(prompts)-1 complete: every file of theirs is on disk."""
+        write_json(self.prompts_file, list(prompts))
+
+    def read_scores(self):
+        """CLIP scores of images 0..n-1 (index order); [] before the first scored batch."""
+        if not os.path.exists(self.scores_file):
+            return []
+        data = read_json(self.scores_file, "scores file")
+        scores = data.get("scores") if isinstance(data, dict) else None
+        if not isinstance(scores, list) or data.get("count") != len(scores) or not all(
+            isinstance(s, (int, float)) for s in scores
+        ):
+            raise UserError(f"scores file {self.scores_file} is malformed; move it aside and rerun the scorer")
+        return [float(s) for s in scores]
+
+    def write_scores(self, scores):
+        mean = sum(scores) / len(scores) if scores else None
+        write_json(self.scores_file, dict(count=len(scores), mean=mean, scores=list(scores)))
+
+
+class EpochDir:
+    def __init__(self, root):
+        self.root = root
+        self.sampled = ImageSet(root, "images", "prompt.json")
+        self.injected = ImageSet(root, "injected_images", "injected_prompt.json")
+
+    def path(self, *parts):
+        return os.path.join(self.root, *parts)
+
+    @property
+    def image_sets(self):
+        """Every image set, in the order the loop makes them."""
+        return [self.sampled, self.injected]
+
+    @property
+    def images(self):
+        return self.sampled.folder
+
+    @property
+    def prompts_file(self):
+        return self.sampled.prompts_file
+
+    @property
+    def trajectories(self):
+        return self.path("trajectories")
+
+    @property
+    def prompt_history_file(self):
+        return self.path("eval", "prompt_history.json")
+
+    def image_path(self, index):
+        return self.sampled.image_path(index)
+
+    def trajectory_path(self, index):
+        return os.path.join(self.trajectories, f"{index:05d}.safetensors")
+
+    def published_prompts(self):
+        return self.sampled.published_prompts()
 
     def publish_samples(self, prompts):
-        """Declare images 0..len(prompts)-1 complete: their PNGs and trajectories are on disk."""
-        write_json(self.prompts_file, list(prompts))
+        self.sampled.publish(prompts)
 
     def save_trajectory(self, index, latents, log_probs, timesteps):
         write_tensors(self.trajectory_path(index), dict(latents=latents, log_probs=log_probs, timesteps=timesteps))
@@ -128,5 +186,26 @@ class ExperimentDir:
     def log_file(self):
         return os.path.join(self.root, "run.log")
 
+    @property
+    def finished_file(self):
+        return os.path.join(self.root, "finished.json")
+
     def epoch(self, k):
         return EpochDir(os.path.join(self.root, f"epoch{k}"))
+
+    def epochs(self):
+        """The numbers of the epochs that have a folder, in increasing order."""
+        if not os.path.isdir(self.root):
+            return []
+        names = (name[len("epoch") :] for name in os.listdir(self.root) if name.startswith("epoch"))
+        return sorted(int(k) for k in names if k.isdigit())
+
+    def mark_finished(self, num_epochs):
+        write_json(self.finished_file, dict(num_epochs=num_epochs))
+
+    def clear_finished(self):
+        if os.path.exists(self.finished_file):
+            os.remove(self.finished_file)
+
+    def is_finished(self):
+        return os.path.exists(self.finished_file)
