@@ -74,6 +74,29 @@ def project_config(config):
     config.pretrained.tiny = False
     config.tiny_cache = "./.cache/tiny"
     config.threads = 0  # torch CPU threads; 0 leaves torch's default
+
+    # --- training (issue 4, SPEC section 7) ---
+    config.train.algorithm = "dpo"  # "dpo": trajectory DPO on (target, base) pairs; "ddpo": PPO-clip on scores
+    config.train.lora_rank = 4  # LoRA on the UNet's to_q, to_k, to_v, to_out.0
+    config.train.gradient_checkpointing = False  # recompute UNet activations in backward: less memory, slower
+    config.train.tensorboard = False  # also log the metrics to data/<exp_name>/tensorboard (needs tensorboard)
+    # a checkpoint folder (checkpoints/checkpoint_<k>) or a folder of them (the newest is used): the run
+    # restores LoRA, optimizer and RNG state from it and continues at epoch k + 1
+    config.resume_from = ""
+
+    # --- CLIP scorer (issue 3, SPEC section 5): run_eval.py, or the sampler itself with eval.inline ---
+    config.eval = ev = ml_collections.ConfigDict()
+    # open_clip architecture name with a pretrained tag or checkpoint file, or an open_clip folder
+    # (open_clip_config.json + weights; "local-dir:" optional; "hf-hub:org/repo" also works).
+    # With pretrained.tiny, a missing folder is built like the tiny diffusion model.
+    ev.model = "ViT-H-14"
+    ev.pretrained = "laion2B-s32B-b79K"  # ignored when `model` is a folder or hub id
+    ev.batch_size = 8  # images per CLIP forward pass; scores are saved after each batch
+    ev.inline = False  # True: the sampler scores its own images; False: it waits for run_eval.py
+    ev.poll_interval = 2.0  # seconds between looks at data/<exp_name>/ (scorer and waiting sampler)
+    ev.no_scorer_timeout = 60.0  # the waiting sampler says how to start a scorer after this many idle seconds
+    ev.exit_when_finished = False  # run_eval.py also exits once the sampler has written finished.json
+    ev.debug_batch_delay = 0.0  # debugging/crash tests: seconds the scorer sleeps after each saved batch
     return config
 
 
@@ -90,6 +113,8 @@ def tiny(config):
     """The offline demo: tiny random-weight models, small batches, a few steps, fp32 on CPU."""
     config.pretrained.tiny = True
     config.pretrained.model = config.tiny_cache + "/sd"
+    config.eval.model = config.tiny_cache + "/clip"
+    config.eval.inline = True
     config.mixed_precision = "no"
     config.threads = 1
     config.prompt_file = "config/prompt/template1_3prompt.json"

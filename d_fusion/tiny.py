@@ -6,6 +6,11 @@ blocks and a plain one, a cross-attention mid block, mirrored up blocks, linear 
 several heads, epsilon prediction, SD's DDIM scheduler config) and a real CLIP BPE tokenizer
 built offline from the vocabulary open_clip ships. It loads through `from_pretrained` exactly
 as SD 2.1 does.
+
+It also writes `OUT_DIR/clip`: a CLIP scorer with ViT-H-14's design scaled down (a small ViT
+image tower, a transformer text tower with CLIP's BPE vocabulary), random weights, in open_clip's
+local folder format (`open_clip_config.json` + `open_clip_model.safetensors`). The scorer loads
+it as `local-dir:OUT_DIR/clip`, exactly as it loads a downloaded open_clip checkpoint folder.
 """
 
 import gzip
@@ -18,6 +23,7 @@ import tempfile
 import open_clip
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 TEXT_DIM = 32
@@ -138,6 +144,25 @@ def build_tiny_sd(folder, seed=0):
         pipeline.save_pretrained(folder, safe_serialization=True)
 
 
+# open_clip model config of the tiny scorer (the fields of open_clip's ViT-H-14.json, scaled down)
+TINY_CLIP = dict(
+    embed_dim=32,
+    vision_cfg=dict(image_size=32, layers=2, width=32, head_width=16, patch_size=8),
+    text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2),
+)
+
+
+def build_tiny_clip(folder, seed=0):
+    """Write the tiny open_clip scorer to `folder` (open_clip's local folder format)."""
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**TINY_CLIP)
+    os.makedirs(folder, exist_ok=True)
+    save_file(model.state_dict(), os.path.join(folder, "open_clip_model.safetensors"))
+    preprocess = dict(size=TINY_CLIP["vision_cfg"]["image_size"])
+    with open(os.path.join(folder, "open_clip_config.json"), "w") as f:
+        json.dump(dict(model_cfg=TINY_CLIP, preprocess_cfg=preprocess), f, indent=1)
+
+
 def _build_atomically(build, folder):
     """Build into a scratch folder beside `folder`, then rename: a reader never sees half a model."""
     if os.path.isdir(folder):
@@ -159,6 +184,7 @@ def _build_atomically(build, folder):
 def build_tiny_models(out_dir):
     """Build every tiny model into `out_dir` (each only if missing); returns `out_dir`."""
     _build_atomically(build_tiny_sd, os.path.join(out_dir, "sd"))
+    _build_atomically(build_tiny_clip, os.path.join(out_dir, "clip"))
     return out_dir
 
 
