@@ -3,6 +3,12 @@
     data/<exp_name>/
         run.log                       the sampler's log
         finished.json                 written by the sampler when its last epoch is done
+        metrics.jsonl                 one JSON line of training metrics per trained epoch
+        tensorboard/                  the same metrics for tensorboard (train.tensorboard)
+        checkpoints/checkpoint_<k>/   after training epoch k (written whole, then renamed into place):
+            pytorch_lora_weights.safetensors   UNet LoRA, as StableDiffusionPipeline.load_lora_weights reads it
+            training_state.safetensors         optimizer tensors and RNG states
+            training_state.json                epoch, optimizer groups and scalars, grad-scaler state
         epoch<k>/
             images/00000.png ...      first sampling pass, index = position in the epoch
             prompt.json               prompts of the published images, in index order
@@ -20,8 +26,10 @@ images 0..n-1. The prompt list is the set's manifest: a reader uses only the ima
 Scores are written the same way, in index order, after each scored batch.
 """
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -46,6 +54,21 @@ def _atomic(path, write):
             os.remove(tmp)
 
 
+@contextlib.contextmanager
+def atomic_folder(path):
+    """Yield a scratch folder beside `path`; when the block succeeds it replaces `path` whole."""
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        yield scratch
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        os.rename(scratch, path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def write_json(path, data):
     def write(tmp):
         with open(tmp, "w") as f:
@@ -68,6 +91,15 @@ def read_json(path, what="file"):
 def write_image(path, image):
     """uint8 (H, W, 3) array -> PNG."""
     _atomic(path, lambda tmp: Image.fromarray(np.asarray(image)).save(tmp, format="PNG"))
+
+
+def read_image(path):
+    """PNG -> RGB PIL image; an unreadable file is a UserError naming it."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError) as error:  # PIL's errors for missing, truncated or corrupt files
+        raise UserError(f"image {path} is unreadable ({error}); move it aside and rerun") from None
 
 
 def write_tensors(path, tensors):
@@ -157,6 +189,10 @@ class EpochDir:
     def prompt_history_file(self):
         return self.path("eval", "prompt_history.json")
 
+    def write_prompt_history(self, history):
+        """history: {prompt: [{"epoch": k, "mean": m, "scores": [...]}, ...]}."""
+        write_json(self.prompt_history_file, history)
+
     def image_path(self, index):
         return self.sampled.image_path(index)
 
@@ -174,6 +210,43 @@ class EpochDir:
 
     def load_trajectory(self, index):
         return read_tensors(self.trajectory_path(index))
+
+
+class CheckpointDir:
+    """checkpoints/checkpoint_<epoch>/: the training state after an epoch."""
+
+    LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name load_lora_weights(dir) looks for
+
+    def __init__(self, root):
+        self.root = root
+
+    @property
+    def epoch(self):
+        return int(os.path.basename(os.path.normpath(self.root))[len("checkpoint_") :])
+
+    @property
+    def lora_weights(self):
+        return os.path.join(self.root, self.LORA_WEIGHTS)
+
+    @property
+    def state_tensors_file(self):
+        return os.path.join(self.root, "training_state.safetensors")
+
+    @property
+    def state_file(self):
+        return os.path.join(self.root, "training_state.json")
+
+    def is_checkpoint(self):
+        return all(os.path.isfile(f) for f in (self.lora_weights, self.state_tensors_file, self.state_file))
+
+
+def checkpoints_in(folder):
+    """The checkpoint_<k> folders inside `folder`, oldest epoch first."""
+    if not os.path.isdir(folder):
+        return []
+    names = [n for n in os.listdir(folder) if n.startswith("checkpoint_") and n[len("checkpoint_") :].isdigit()]
+    found = [CheckpointDir(os.path.join(folder, n)) for n in names]
+    return sorted((c for c in found if c.is_checkpoint()), key=lambda c: c.epoch)
 
 
 class ExperimentDir:
@@ -199,6 +272,34 @@ class ExperimentDir:
             return []
         names = (name[len("epoch") :] for name in os.listdir(self.root) if name.startswith("epoch"))
         return sorted(int(k) for k in names if k.isdigit())
+
+    @property
+    def metrics_file(self):
+        return os.path.join(self.root, "metrics.jsonl")
+
+    @property
+    def tensorboard_dir(self):
+        return os.path.join(self.root, "tensorboard")
+
+    @property
+    def checkpoints(self):
+        return os.path.join(self.root, "checkpoints")
+
+    def checkpoint(self, epoch):
+        return CheckpointDir(os.path.join(self.checkpoints, f"checkpoint_{epoch}"))
+
+    def record_metrics(self, metrics):
+        """Add the line of metrics["epoch"] to metrics.jsonl, dropping lines of that epoch or later (a rerun)."""
+        lines = []
+        if os.path.exists(self.metrics_file):
+            with open(self.metrics_file) as f:
+                lines = [line for line in f if line.strip() and json.loads(line)["epoch"] < metrics["epoch"]]
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.writelines(lines + [json.dumps(metrics) + "\n"])
+
+        _atomic(self.metrics_file, write)
 
     def mark_finished(self, num_epochs):
         write_json(self.finished_file, dict(num_epochs=num_epochs))
