@@ -15,6 +15,12 @@
             trajectories/00000.safetensors   latents (T+1, C, H, W), log_probs (T,), timesteps (T,)
             injected_images/00000.png ...    targets (D-Fusion), index = target index
             injected_prompt.json      prompts of the published targets, in index order
+            injected_trajectories/00000.safetensors   the targets' trajectories, as trajectories/
+            ref_images/00000.png ...  the reference of each target (a copy of its images/ PNG), index = target index
+            base_images/00000.png ... the base of each target (likewise)
+            mask/00000_item0_t05.png  object 0's mask of sample 00000 (a reference, or a base when
+                                      fusion.base_masks) at step 5 (0 = noisiest)
+            eval/injected_map.json    {target index: [base index, reference index]} (sample indices)
             eval/images_scores.json   CLIP scores of images/: {"count", "mean", "scores": [one per image]}
             eval/injected_images_scores.json   the same for injected_images/
             eval/prompt_history.json  per prompt, the scores of images/ of every epoch up to k
@@ -104,6 +110,10 @@ def read_image(path):
 
 def write_tensors(path, tensors):
     _atomic(path, lambda tmp: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp))
+
+
+def copy_file(source, path):
+    _atomic(path, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def read_tensors(path):
@@ -210,6 +220,50 @@ class EpochDir:
 
     def load_trajectory(self, index):
         return read_tensors(self.trajectory_path(index))
+
+    # --- D-Fusion's outputs (issue 7) ---
+    @property
+    def injected_trajectories(self):
+        return self.path("injected_trajectories")
+
+    def injected_trajectory_path(self, target):
+        return os.path.join(self.injected_trajectories, f"{target:05d}.safetensors")
+
+    def save_injected_trajectory(self, target, latents, log_probs, timesteps):
+        write_tensors(
+            self.injected_trajectory_path(target), dict(latents=latents, log_probs=log_probs, timesteps=timesteps)
+        )
+
+    def load_injected_trajectory(self, target):
+        return read_tensors(self.injected_trajectory_path(target))
+
+    def reference_image_path(self, target):
+        return self.path("ref_images", image_name(target))
+
+    def base_image_path(self, target):
+        return self.path("base_images", image_name(target))
+
+    def mask_path(self, index, item, step):
+        """Picture of object `item`'s mask of sample `index` (images/ numbering) at step index `step`."""
+        return self.path("mask", f"{index:05d}_item{item}_t{step:02d}.png")
+
+    @property
+    def injected_map_file(self):
+        return self.path("eval", "injected_map.json")
+
+    def write_injected_map(self, pairs):
+        """pairs: (base index, reference index) of each target, in target order."""
+        write_json(self.injected_map_file, {str(t): [base, ref] for t, (base, ref) in enumerate(pairs)})
+
+    def read_injected_map(self):
+        """[(base index, reference index)] in target order; [] before fusion wrote it."""
+        if not os.path.exists(self.injected_map_file):
+            return []
+        table = read_json(self.injected_map_file, "injected map")
+        try:
+            return [tuple(table[str(t)]) for t in range(len(table))]
+        except (KeyError, TypeError):
+            raise UserError(f"injected map {self.injected_map_file} is malformed; move it aside and rerun") from None
 
 
 class CheckpointDir:
