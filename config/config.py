@@ -97,6 +97,16 @@ def project_config(config):
     ev.no_scorer_timeout = 60.0  # the waiting sampler says how to start a scorer after this many idle seconds
     ev.exit_when_finished = False  # run_eval.py also exits once the sampler has written finished.json
     ev.debug_batch_delay = 0.0  # debugging/crash tests: seconds the scorer sleeps after each saved batch
+
+    # --- D-Fusion (issue 7, SPEC sections 4 and 6) ---
+    # the objects as words, the same for every prompt, e.g. "cat,sandwich" (each word: all its tokens);
+    # when set it replaces item_idx (and may not be combined with item_idx_file)
+    config.items = ""
+    config.fusion = fusion = ml_collections.ConfigDict()
+    fusion.mask_resolution = 0  # query grid side of the mask layers; 0: latent side // 4 (16 for SD 2.1 base)
+    fusion.use_mask = True  # False: fuse without a mask (K' = K_ref, V' = V_ref over the whole image)
+    fusion.mask_images = "all"  # mask pictures under mask/: "all" steps, the "last" step, or "none"
+    fusion.base_masks = False  # also regenerate each base (one more UNet pass per step) to save its masks
     return config
 
 
