@@ -26,6 +26,14 @@ def tiny_sd(tiny_dir):
 
 
 @pytest.fixture
+def fresh_tiny_sd(tiny_dir):
+    """A private copy of the tiny Stable Diffusion, for tests that change the UNet (LoRA, training)."""
+    from d_fusion.models import load_models
+
+    return load_models(os.path.join(tiny_dir, "sd"), mixed_precision="no")
+
+
+@pytest.fixture
 def tiny_config(tiny_dir, tmp_path):
     """The `tiny` config variant, pointed at the session's tiny models and a fresh data folder."""
     from config.config import get_config
