@@ -100,8 +100,9 @@ def project_config(config):
 
     # --- D-Fusion (issue 7, SPEC sections 4 and 6) ---
     # the objects as words, the same for every prompt, e.g. "cat,sandwich" (each word: all its tokens);
-    # when set it replaces item_idx (and may not be combined with item_idx_file)
-    config.items = ""
+    # when set it replaces item_idx (and may not be combined with item_idx_file). Not named `items`:
+    # that is a ConfigDict method.
+    config.item_words = ""
     config.fusion = fusion = ml_collections.ConfigDict()
     fusion.mask_resolution = 0  # query grid side of the mask layers; 0: latent side // 4 (16 for SD 2.1 base)
     fusion.use_mask = True  # False: fuse without a mask (K' = K_ref, V' = V_ref over the whole image)
