@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from d_fusion.datadir import ExperimentDir, write_image
 from d_fusion.errors import UserError
+from d_fusion.evaluator import ScoreCollector
 from d_fusion.injection import injection_from_config
 from d_fusion.logs import setup_logging
 from d_fusion.models import load_models_from_config
@@ -73,5 +74,10 @@ def run_experiment(config):
 
     models = load_models_from_config(config)
     negative_embeds = encode_prompts(models, [""])
+    scores = ScoreCollector(config, experiment)
+    experiment.clear_finished()
     for epoch in tqdm(range(config.train.begin_epoch, config.train.num_epochs), desc="epoch", unit="epoch"):
-        sample_epoch(config, models, experiment.epoch(epoch), epoch, samples, negative_embeds)
+        epoch_dir = experiment.epoch(epoch)
+        sample_epoch(config, models, epoch_dir, epoch, samples, negative_embeds)
+        image_scores = scores.collect(epoch, epoch_dir.sampled)  # noqa: F841  (pairing, issue 7, uses them)
+    experiment.mark_finished(config.train.num_epochs)

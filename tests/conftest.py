@@ -41,6 +41,7 @@ def tiny_config(tiny_dir, tmp_path):
     config = get_config("tiny")
     config.tiny_cache = tiny_dir
     config.pretrained.model = os.path.join(tiny_dir, "sd")
+    config.eval.model = os.path.join(tiny_dir, "clip")
     config.save_path = str(tmp_path / "data")
     config.exp_name = "test"
     return config

@@ -1,0 +1,161 @@
+"""Scoring the experiment's images (SPEC section 1, step 3): run_eval.py's loop and the sampler's wait.
+
+The scorer trusts only an image set's manifest (its prompt list, published after the images it
+lists): it scores the listed images that have no score yet, in index order, and saves the scores
+after every batch. A killed scorer restarts where its last saved batch ended. The sampler gets an
+epoch's scores through `ScoreCollector.collect`: with `eval.inline` it scores in its own process
+with the same code, otherwise it waits for run_eval.py.
+"""
+
+import logging
+import os
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from d_fusion.datadir import ExperimentDir, read_image
+from d_fusion.errors import UserError
+from d_fusion.logs import setup_logging
+from d_fusion.scoring import load_scorer_from_config
+
+log = logging.getLogger(__name__)
+
+
+def saved_scores(image_set, num_published):
+    """The set's saved scores; more scores than published images means they belong to other images."""
+    scores = image_set.read_scores()
+    if len(scores) > num_published:
+        raise UserError(
+            f"{image_set.scores_file} holds {len(scores)} scores but {image_set.prompts_file} lists only "
+            f"{num_published} images: the scores belong to an earlier run; move the eval/ folder aside and rerun"
+        )
+    return scores
+
+
+def prompt_history(experiment, epoch, scores):
+    """Per prompt, the scores of `images/` in every epoch up to `epoch` (whose scores so far are `scores`)."""
+    history = {}
+    for k in experiment.epochs():
+        if k > epoch:
+            break
+        sampled = experiment.epoch(k).sampled
+        epoch_scores = scores if k == epoch else sampled.read_scores()
+        per_prompt = {}
+        for prompt, score in zip(sampled.published_prompts(), epoch_scores):
+            per_prompt.setdefault(prompt, []).append(score)
+        for prompt, prompt_scores in per_prompt.items():
+            mean = sum(prompt_scores) / len(prompt_scores)
+            history.setdefault(prompt, []).append(dict(epoch=k, mean=mean, scores=prompt_scores))
+    return history
+
+
+def save_scores(experiment, epoch, image_set, scores):
+    epoch_dir = experiment.epoch(epoch)
+    # the history first: the scores file is what marks a batch done, so a crash in between
+    # only makes the scorer redo that batch and rewrite both
+    if image_set.name == epoch_dir.sampled.name:
+        epoch_dir.write_prompt_history(prompt_history(experiment, epoch, scores))
+    image_set.write_scores(scores)
+
+
+def score_new(scorer, experiment, epoch, image_set, batch_size, batch_delay=0.0):
+    """Score the images the set's manifest lists and its scores lack, in index order; returns how many."""
+    prompts = image_set.published_prompts()
+    scores = saved_scores(image_set, len(prompts))
+    first = len(scores)
+    for start in range(first, len(prompts), batch_size):
+        stop = min(start + batch_size, len(prompts))
+        images = [read_image(image_set.image_path(i)) for i in range(start, stop)]
+        scores = scores + scorer.score(images, prompts[start:stop])
+        save_scores(experiment, epoch, image_set, scores)
+        log.info("epoch %d %s: scored %d-%d (%d listed)", epoch, image_set.name, start, stop - 1, len(prompts))
+        time.sleep(batch_delay)
+    return len(prompts) - first
+
+
+def score_pending(scorer, experiment, batch_size, batch_delay=0.0):
+    """One pass over every epoch and image set, in order; returns the number of images scored."""
+    return sum(
+        score_new(scorer, experiment, k, image_set, batch_size, batch_delay)
+        for k in experiment.epochs()
+        for image_set in experiment.epoch(k).image_sets
+    )
+
+
+def wait_for_folder(folder, poll_interval, exp_name):
+    if not os.path.isdir(folder):
+        log.info("waiting for %s to appear: start run_sample.py with --config.exp_name %s", folder, exp_name)
+    while not os.path.isdir(folder):
+        time.sleep(poll_interval)
+
+
+def run_scorer(config):
+    """run_eval.py: score every new image of the experiment until Ctrl-C (or, if asked, until it is finished)."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    setup_logging()
+    experiment = ExperimentDir(config.save_path, config.exp_name)
+    ev = config.eval
+    try:
+        scorer = load_scorer_from_config(config)
+        wait_for_folder(experiment.root, ev.poll_interval, config.exp_name)
+        log.info("watching %s for new images (Ctrl-C stops)", experiment.root)
+        while True:
+            finished = experiment.is_finished()  # read before the pass: everything published by then is scored
+            if not score_pending(scorer, experiment, ev.batch_size, ev.debug_batch_delay):
+                if finished and ev.exit_when_finished:
+                    log.info("the sampler has finished and every image is scored: exiting")
+                    return
+                time.sleep(ev.poll_interval)
+    except KeyboardInterrupt:
+        log.info("stopped")
+
+
+class ScoreCollector:
+    """The sampler's side: an image set's scores, computed in this process (`eval.inline`) or awaited."""
+
+    def __init__(self, config, experiment):
+        self.config = config
+        self.experiment = experiment
+        self._scorer = None
+
+    def scorer(self):
+        if self._scorer is None:
+            self._scorer = load_scorer_from_config(self.config)
+        return self._scorer
+
+    def collect(self, epoch, image_set):
+        """The scores of every image the set has published (list of floats, index order)."""
+        ev = self.config.eval
+        count = len(image_set.published_prompts())
+        if ev.inline and len(saved_scores(image_set, count)) < count:
+            score_new(self.scorer(), self.experiment, epoch, image_set, ev.batch_size, ev.debug_batch_delay)
+        return self.wait(epoch, image_set, count)
+
+    def wait(self, epoch, image_set, count):
+        """Poll the scores file until it holds `count` scores, saying once how to start a scorer if none comes."""
+        ev = self.config.eval
+        scores = saved_scores(image_set, count)
+        if len(scores) == count:
+            return scores
+        log.info("epoch %d: waiting for run_eval.py to score %s (%d of %d scored)", epoch, image_set.name, len(scores), count)
+        last_progress, warned = time.monotonic(), False
+        with tqdm(total=count, initial=len(scores), desc=f"epoch {epoch} {image_set.name} scored", unit="image") as bar:
+            while len(scores) < count:
+                time.sleep(ev.poll_interval)
+                new_scores = saved_scores(image_set, count)
+                if len(new_scores) > len(scores):
+                    bar.update(len(new_scores) - len(scores))
+                    last_progress = time.monotonic()
+                elif not warned and time.monotonic() - last_progress >= ev.no_scorer_timeout:
+                    log.warning(
+                        "no new scores for %.0f s. Is the scorer running? Start it in another terminal with the same "
+                        "exp_name and config: python run_eval.py --config.exp_name %s, or rerun this command "
+                        "with --config.eval.inline True to score in this process",
+                        ev.no_scorer_timeout,
+                        self.config.exp_name,
+                    )
+                    warned = True
+                scores = new_scores
+        return scores

@@ -1,0 +1,81 @@
+"""The CLIP score of an image and its prompt (SPEC section 5): open_clip, cosine of normalised embeddings.
+
+The release scores with `ViT-H-14` / `laion2B-s32B-b79K`. `config.eval.model` may also be an open_clip
+folder (`open_clip_config.json` + weights, as the tiny scorer is saved), an `hf-hub:` id, or an
+architecture name with `config.eval.pretrained` a checkpoint file.
+"""
+
+import logging
+import os
+
+import open_clip
+import torch
+
+from d_fusion.errors import UserError
+from d_fusion.models import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+class ClipScorer:
+    def __init__(self, model, preprocess, tokenizer, device):
+        self.model = model.eval().requires_grad_(False)
+        self.preprocess = preprocess  # PIL image -> (3, S, S) normalised tensor
+        self.tokenizer = tokenizer
+        self.device = device
+
+    @torch.no_grad()
+    def image_embeddings(self, images):
+        """PIL images -> (B, D) unit vectors."""
+        pixels = torch.stack([self.preprocess(image) for image in images]).to(self.device)  # (B, 3, S, S)
+        return torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)
+
+    @torch.no_grad()
+    def text_embeddings(self, prompts):
+        """Prompts -> (B, D) unit vectors."""
+        tokens = self.tokenizer(list(prompts)).to(self.device)  # (B, context_length)
+        return torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+    def score(self, images, prompts):
+        """CLIP score of each image against its own prompt, in order: a list of floats in [-1, 1]."""
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        similarity = (self.image_embeddings(images) * self.text_embeddings(prompts)).sum(dim=-1)  # (B,)
+        return similarity.cpu().tolist()
+
+
+def open_clip_name(model):
+    """open_clip's name for `model`: a folder becomes `local-dir:<folder>`; names and ids stay as they are."""
+    if os.path.isdir(model):
+        return open_clip.factory.LOCAL_DIR_PREFIX + model
+    return model
+
+
+def load_scorer(model, pretrained="", dev_id=0):
+    device = resolve_device(dev_id)
+    name = open_clip_name(model)
+    schema, _ = open_clip.factory.parse_model_name(name)
+    logging.disable(logging.INFO)  # open_clip logs every loading step on the root logger
+    try:
+        clip, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=None if schema else (pretrained or None), device=device
+        )
+        tokenizer = open_clip.get_tokenizer(name)
+    except (RuntimeError, ValueError, OSError) as error:
+        raise UserError(
+            f"could not load the CLIP scorer config.eval.model = {model!r}, config.eval.pretrained = "
+            f"{pretrained!r} ({error}). Pass an open_clip architecture and pretrained tag (downloaded on "
+            "first use), an architecture and a checkpoint file, or an open_clip folder"
+        ) from None
+    finally:
+        logging.disable(logging.NOTSET)
+    log.info("loaded CLIP scorer %s (%s) on %s", model, pretrained if not schema else "its own weights", device)
+    return ClipScorer(clip, preprocess, tokenizer, device)
+
+
+def load_scorer_from_config(config):
+    if config.pretrained.tiny and not os.path.isdir(config.eval.model):
+        from d_fusion.tiny import build_tiny_models
+
+        build_tiny_models(os.path.dirname(config.eval.model.rstrip("/")))
+    return load_scorer(config.eval.model, config.eval.pretrained, config.dev_id)
