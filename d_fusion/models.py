@@ -69,7 +69,7 @@ def check_model_path(name):
         missing = [p for p in PARTS if not os.path.isdir(os.path.join(name, p))]
         if missing:
             raise UserError(
-                f"config.pretrained.model = {name!r} is a folder but lacks {', '.join(missing)}/: "
+                f"config.pretrained.model = {name!r} is a folder but lacks {', '.join(p + '/' for p in missing)}: "
                 "pass a diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
             )
         return

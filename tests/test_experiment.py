@@ -1,0 +1,77 @@
+"""The epoch loop's sampling stage: complete outputs, and a crash that loses nothing."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import d_fusion.experiment as experiment
+from d_fusion.datadir import ExperimentDir
+from d_fusion.models import load_models_from_config
+from d_fusion.prompts import epoch_samples, load_prompts
+from d_fusion.sampling import encode_prompts
+
+
+def run_sampling(config, models):
+    samples = epoch_samples(load_prompts(config), config.sample.batch_size, config.sample.num_batches_per_epoch)
+    epoch_dir = ExperimentDir(config.save_path, config.exp_name).epoch(0)
+    experiment.sample_epoch(config, models, epoch_dir, 0, samples, encode_prompts(models, [""]))
+    return epoch_dir, samples
+
+
+@pytest.fixture
+def small_config(tiny_config):
+    tiny_config.prompt_file = ""
+    tiny_config.prompt = "a cat eating a sandwich"
+    tiny_config.sample.batch_size = 2
+    tiny_config.sample.num_batches_per_epoch = 2
+    tiny_config.sample.num_steps = 3
+    return tiny_config
+
+
+def test_sampling_writes_images_prompts_and_trajectories(small_config, tiny_sd):
+    epoch_dir, samples = run_sampling(small_config, tiny_sd)
+    assert epoch_dir.published_prompts() == samples
+    for index in range(len(samples)):
+        assert Image.open(epoch_dir.image_path(index)).size == (128, 128)
+        trajectory = epoch_dir.load_trajectory(index)
+        assert trajectory["latents"].shape == (4, 4, 16, 16) and trajectory["log_probs"].shape == (3,)
+    assert not [f for f in os.listdir(epoch_dir.images) if f.startswith(".tmp")]
+
+
+def test_crash_mid_epoch_then_restart_equals_uninterrupted(small_config, tiny_sd, tmp_path, monkeypatch):
+    small_config.save_path = str(tmp_path / "whole")
+    whole, samples = run_sampling(small_config, tiny_sd)
+
+    small_config.save_path = str(tmp_path / "crashed")
+    decode = experiment.decode_images
+    calls = []
+
+    def crash_on_second_batch(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return decode(*args)
+
+    monkeypatch.setattr(experiment, "decode_images", crash_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run_sampling(small_config, tiny_sd)
+    monkeypatch.setattr(experiment, "decode_images", decode)
+    crashed = ExperimentDir(small_config.save_path, small_config.exp_name).epoch(0)
+    assert crashed.published_prompts() == samples[:2]
+    first_image_time = os.path.getmtime(crashed.image_path(0))
+
+    run_sampling(small_config, tiny_sd)
+    assert os.path.getmtime(crashed.image_path(0)) == first_image_time, "published batch was redrawn"
+    assert crashed.published_prompts() == samples
+    for index in range(len(samples)):
+        assert np.array_equal(np.asarray(Image.open(crashed.image_path(index))), np.asarray(Image.open(whole.image_path(index))))
+        assert (crashed.load_trajectory(index)["latents"] == whole.load_trajectory(index)["latents"]).all()
+
+
+def test_tiny_config_builds_its_model_on_first_use(tiny_config, tmp_path):
+    tiny_config.tiny_cache = str(tmp_path / "cache")
+    tiny_config.pretrained.model = tiny_config.tiny_cache + "/sd"
+    models = load_models_from_config(tiny_config)
+    assert os.path.isdir(tiny_config.pretrained.model) and models.resolution == 128
