@@ -1,0 +1,165 @@
+"""Checkpoints of training (SPEC section 7): save every `train.save_interval` epochs, resume exactly.
+
+A checkpoint holds the UNet's LoRA weights in the format `StableDiffusionPipeline.load_lora_weights`
+reads, the optimizer's state, the gradient scaler's state (fp16) and the global RNG states. The
+shuffles and timestep subsets of training come from a generator seeded by (seed, epoch), so these
+make a resumed run follow the uninterrupted one.
+"""
+
+import logging
+import os
+import shutil
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from d_fusion.datadir import CheckpointDir, atomic_folder, checkpoints_in, read_json, read_tensors, write_json, write_tensors
+from d_fusion.errors import UserError
+
+log = logging.getLogger(__name__)
+
+UNET_PREFIX = "unet."  # how load_lora_weights names the UNet's LoRA keys
+
+
+def checkpoint_due(config, epoch):
+    """After every `save_interval` epochs and after the last one."""
+    return (epoch + 1) % config.train.save_interval == 0 or epoch == config.train.num_epochs - 1
+
+
+# ---------------------------------------------------------------- LoRA weights
+
+
+def save_lora(unet, folder):
+    StableDiffusionPipeline.save_lora_weights(
+        folder,
+        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        weight_name=CheckpointDir.LORA_WEIGHTS,
+        safe_serialization=True,
+    )
+
+
+def load_lora(unet, path):
+    """Set the UNet's LoRA adapter from a load_lora_weights file."""
+    weights = {k[len(UNET_PREFIX) :]: v for k, v in read_tensors(path).items() if k.startswith(UNET_PREFIX)}
+    try:
+        result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(weights))
+    except RuntimeError as error:  # shape mismatch: another rank or model
+        raise UserError(f"LoRA weights {path} do not fit this UNet and train.lora_rank ({error})") from None
+    if not weights or result.unexpected_keys:
+        raise UserError(f"LoRA weights {path} do not match this UNet's LoRA layers: resume with the same model")
+
+
+# ---------------------------------------------------------------- optimizer and RNG state
+
+
+def _split_optimizer_state(state):
+    """torch optimizer state_dict -> (tensors by flat name, JSON-able rest)."""
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{name}"] = value
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, dict(param_groups=state["param_groups"], scalars=scalars)
+
+
+def _join_optimizer_state(tensors, saved):
+    state = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for index, values in saved["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    return dict(state=state, param_groups=saved["param_groups"])
+
+
+def _rng_states():
+    states = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states |= {f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    return states
+
+
+def _set_rng_states(tensors):
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
+    if cuda:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# ---------------------------------------------------------------- save, prune, resume
+
+
+def save_checkpoint(trainer, experiment, epoch):
+    """Write checkpoints/checkpoint_<epoch>/ whole, then keep the newest `num_checkpoint_limit`."""
+    checkpoint = experiment.checkpoint(epoch)
+    tensors, saved = _split_optimizer_state(trainer.optimizer.state_dict())
+    scaler = trainer.accelerator.scaler
+    with atomic_folder(checkpoint.root) as scratch:
+        folder = CheckpointDir(scratch)
+        save_lora(trainer.models.unet, scratch)
+        write_tensors(folder.state_tensors_file, tensors | _rng_states())
+        write_json(
+            folder.state_file,
+            dict(
+                epoch=epoch,
+                lora_rank=trainer.config.train.lora_rank,
+                optimizer=saved,
+                grad_scaler=scaler.state_dict() if scaler is not None else None,
+            ),
+        )
+    log.info("epoch %d: checkpoint %s", epoch, checkpoint.root)
+    prune_checkpoints(experiment.checkpoints, trainer.config.train.num_checkpoint_limit)
+    return checkpoint
+
+
+def prune_checkpoints(folder, limit):
+    """Delete the oldest checkpoints beyond the newest `limit`."""
+    found = checkpoints_in(folder)
+    for old in found[: max(0, len(found) - limit)]:
+        shutil.rmtree(old.root)
+
+
+def find_checkpoint(resume_from):
+    """`resume_from` itself when it is a checkpoint, else the newest checkpoint inside it."""
+    if CheckpointDir(resume_from).is_checkpoint():
+        return CheckpointDir(resume_from)
+    found = checkpoints_in(resume_from)
+    if not found:
+        raise UserError(
+            f"config.resume_from = {resume_from!r} is neither a checkpoint folder nor a folder holding "
+            "checkpoint_<k>/ folders: pass e.g. data/<exp_name>/checkpoints"
+        )
+    return found[-1]
+
+
+def load_checkpoint(trainer, checkpoint):
+    """Restore LoRA, optimizer, grad scaler and RNG from `checkpoint`; returns its epoch."""
+    saved = read_json(checkpoint.state_file, "checkpoint state")
+    if saved["lora_rank"] != trainer.config.train.lora_rank:
+        raise UserError(
+            f"checkpoint {checkpoint.root} has LoRA rank {saved['lora_rank']}, "
+            f"config.train.lora_rank is {trainer.config.train.lora_rank}: resume with the same rank"
+        )
+    load_lora(trainer.models.unet, checkpoint.lora_weights)
+    tensors = read_tensors(checkpoint.state_tensors_file)
+    trainer.optimizer.load_state_dict(_join_optimizer_state(tensors, saved["optimizer"]))
+    scaler = trainer.accelerator.scaler
+    if scaler is not None and saved["grad_scaler"] is not None:
+        scaler.load_state_dict(saved["grad_scaler"])
+    _set_rng_states(tensors)
+    log.info("resumed from %s (epoch %d)", checkpoint.root, saved["epoch"])
+    return saved["epoch"]
+
+
+def resume(trainer, config):
+    """The first epoch to run: after the `resume_from` checkpoint when given, else `train.begin_epoch`."""
+    if not config.resume_from:
+        return config.train.begin_epoch
+    if not os.path.exists(config.resume_from):
+        raise UserError(f"config.resume_from = {config.resume_from!r} does not exist")
+    return load_checkpoint(trainer, find_checkpoint(config.resume_from)) + 1

@@ -1,0 +1,322 @@
+"""Training (SPEC section 7): trajectory DPO on (target, base) pairs, or DDPO, with LoRA on the UNet.
+
+The policy is the UNet with LoRA adapters; the reference policy is the same UNet with the adapters
+disabled (no second copy). Both run plain attention with CFG when `train.cfg`. The log-probability
+of a stored transition x_t -> x_{t'} is SPEC section 3's, evaluated at the stored x_{t'}.
+
+Optimisation: each pair (DPO) or sample (DDPO) contributes a random subset of its steps;
+`train.batch_size * train.gradient_accumulation_steps` of them, one after another, make one
+optimizer step (the loss is the mean over their timesteps). `num_inner_epochs` reshuffled passes.
+"""
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers.training_utils import cast_training_params
+from peft import LoraConfig
+
+from d_fusion.ddim import ddim_step_with_logprob
+from d_fusion.errors import UserError
+from d_fusion.sampling import Trajectories, encode_prompts, guided_noise
+
+log = logging.getLogger(__name__)
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+ALGORITHMS = ("dpo", "ddpo")
+
+
+# ---------------------------------------------------------------- policy and reference
+
+
+def add_lora(unet, rank):
+    """LoRA adapters (B = 0: the policy starts equal to the reference); returns the trainable params, in fp32."""
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=LORA_TARGETS))
+    cast_training_params(unet, dtype=torch.float32)
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def reference_policy(unet):
+    """The UNet with its adapters disabled, for the duration of the block."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+@dataclass
+class Policy:
+    """Everything needed to score a stored transition under the current UNet."""
+
+    models: object  # StableDiffusion
+    negative_embeds: torch.Tensor  # (1, 77, D): the empty prompt
+    guidance_scale: float
+    cfg: bool
+    eta: float
+
+    def transition(self, latents, timesteps, step, prompt_embeds):
+        """log p(x_{t'} | x_t, c) at `step` of trajectories latents (B, T+1, C, H, W), and the noise prediction.
+
+        Returns (log_prob (B,), noise_pred (B, C, H, W)); differentiable through the LoRA weights.
+        """
+        device, batch = self.models.device, latents.shape[0]
+        x_t, x_next = latents[:, step].to(device), latents[:, step + 1].to(device)
+        t = timesteps[step].to(device)
+        noise_pred = guided_noise(
+            self.models.unet,
+            x_t,
+            t,
+            prompt_embeds,
+            self.negative_embeds.expand(batch, -1, -1),
+            self.guidance_scale,
+            self.cfg,
+        )
+        _, log_prob, _ = ddim_step_with_logprob(self.models.scheduler, noise_pred, t, x_t, self.eta, prev_sample=x_next)
+        return log_prob, noise_pred
+
+    def reference_transition(self, latents, timesteps, step, prompt_embeds):
+        with torch.no_grad(), reference_policy(self.models.unet):
+            return self.transition(latents, timesteps, step, prompt_embeds)
+
+    @torch.no_grad()
+    def trajectory_log_probs(self, trajectories, prompt_embeds):
+        """Log-probs (B, T) of every step of stored trajectories under the current policy."""
+        steps = range(trajectories.timesteps.shape[0])
+        return torch.stack(
+            [self.transition(trajectories.latents, trajectories.timesteps, j, prompt_embeds)[0] for j in steps], dim=1
+        ).cpu()
+
+
+# ---------------------------------------------------------------- objectives
+
+
+def clipped_ratio_stats(log_ratio, eps):
+    """log of clamp(exp(log_ratio), 1 - eps, 1 + eps), and whether each ratio was clipped."""
+    clipped_log_ratio = log_ratio.clamp(math.log(1 - eps), math.log(1 + eps))
+    return clipped_log_ratio, clipped_log_ratio != log_ratio
+
+
+def dpo_loss(log_ratio_w, log_ratio_l, noise_w, noise_ref_w, alpha, beta, eps):
+    """SPEC 7's loss at one timestep of pairs (B,): preferred w = target, dispreferred l = base.
+
+    log_ratio_*: logp_theta - logp_ref (B,); noise_w, noise_ref_w: the policy's and reference's
+    noise predictions on w (B, C, H, W). Returns (loss (B,), stats).
+    """
+    log_r_w, clipped_w = clipped_ratio_stats(log_ratio_w, eps)
+    log_r_l, clipped_l = clipped_ratio_stats(log_ratio_l, eps)
+    regulariser = ((noise_w - noise_ref_w) ** 2).mean(dim=tuple(range(1, noise_w.ndim)))
+    loss = -F.logsigmoid(alpha * (log_r_w - log_r_l)) + beta * regulariser
+    stats = dict(
+        accuracy=(log_ratio_w > log_ratio_l).float(),
+        abs_log_ratio=(log_ratio_w.abs() + log_ratio_l.abs()) / 2,
+        clipped=(clipped_w.float() + clipped_l.float()) / 2,
+    )
+    return loss, stats
+
+
+def ppo_loss(log_prob, old_log_prob, advantages, eps):
+    """PPO-clip loss (B,) of DDPO with ratio exp(logp_theta - logp_old) clipped to 1 +- eps."""
+    log_ratio = log_prob - old_log_prob
+    ratio = log_ratio.exp()
+    loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - eps, 1 + eps))
+    stats = dict(abs_log_ratio=log_ratio.abs(), clipped=((ratio - 1).abs() > eps).float())
+    return loss, stats
+
+
+def per_prompt_advantages(scores, prompts, clip):
+    """(s - mean_p) / (std_p + 1e-6) over each prompt's scores, clipped to +-clip: (N,)."""
+    scores = torch.as_tensor(scores, dtype=torch.float32)
+    advantages = torch.empty_like(scores)
+    for prompt in set(prompts):
+        rows = torch.tensor([i for i, p in enumerate(prompts) if p == prompt])
+        group = scores[rows]
+        advantages[rows] = (group - group.mean()) / (group.std(unbiased=False) + 1e-6)
+    return advantages.clamp(-clip, clip)
+
+
+def train_timesteps(num_steps, fraction, generator):
+    """The first floor(num_steps * fraction) steps of a random permutation of the steps."""
+    return torch.randperm(num_steps, generator=generator)[: int(num_steps * fraction)].tolist()
+
+
+# ---------------------------------------------------------------- the epoch's training data
+
+
+@dataclass
+class PreferencePairs:
+    """DPO data: pair k is (preferred[k] = target, dispreferred[k] = base), both of prompt prompt_embeds[k]."""
+
+    preferred: Trajectories  # (K, T+1, C, H, W)
+    dispreferred: Trajectories
+    prompt_embeds: torch.Tensor  # (K, 77, D)
+
+    def __len__(self):
+        return self.prompt_embeds.shape[0]
+
+
+@dataclass
+class ScoredSamples:
+    """DDPO data: trajectories with their old log-probs (in `trajectories.log_probs`) and advantages."""
+
+    trajectories: Trajectories  # (N, T+1, C, H, W), log_probs (N, T) = logp_old
+    prompt_embeds: torch.Tensor  # (N, 77, D)
+    advantages: torch.Tensor  # (N,)
+
+    def __len__(self):
+        return self.prompt_embeds.shape[0]
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+def make_optimizer(config, params):
+    train = config.train
+    if train.use_8bit_adam:
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise UserError(
+                "config.train.use_8bit_adam is set but bitsandbytes is not installed: "
+                "pip install bitsandbytes, or set --config.train.use_8bit_adam False"
+            ) from None
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(
+        params,
+        lr=train.learning_rate,
+        betas=(train.adam_beta1, train.adam_beta2),
+        weight_decay=train.adam_weight_decay,
+        eps=train.adam_epsilon,
+    )
+
+
+def check_train_config(config):
+    """Fail at start-up on training settings that cannot work."""
+    train = config.train
+    if train.algorithm not in ALGORITHMS:
+        raise UserError(f"config.train.algorithm = {train.algorithm!r}; use one of {', '.join(ALGORITHMS)}")
+    if config.sample.eta <= 0:
+        raise UserError("config.sample.eta must be > 0 to train: with eta = 0 DDIM steps have no log-probability")
+    if not 0 < train.eps < 1:
+        raise UserError(f"config.train.eps = {train.eps}: the ratio clip must lie in (0, 1)")
+    if int(config.sample.num_steps * train.timestep_fraction) < 1:
+        raise UserError("config.train.timestep_fraction leaves no training timestep: raise it (at most 1.0)")
+    if train.batch_size < 1 or train.gradient_accumulation_steps < 1 or train.num_inner_epochs < 1:
+        raise UserError("config.train.batch_size, gradient_accumulation_steps and num_inner_epochs must be >= 1")
+
+
+class MetricsSum:
+    """Running sums of per-timestep statistics."""
+
+    def __init__(self):
+        self.sums, self.counts = {}, {}
+
+    def add(self, name, values):
+        values = values.detach().float()
+        self.sums[name] = self.sums.get(name, 0.0) + values.sum().item()
+        self.counts[name] = self.counts.get(name, 0) + values.numel()
+
+    def means(self):
+        return {name: self.sums[name] / self.counts[name] for name in self.sums}
+
+
+class Trainer:
+    """The LoRA policy, its optimizer and the accelerator; `train_pairs`/`train_samples` run one epoch."""
+
+    def __init__(self, config, models):
+        check_train_config(config)
+        self.config, self.models = config, models
+        if models.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
+            torch.backends.cudnn.allow_tf32 = config.allow_tf32
+        on_cpu = models.device.type == "cpu"
+        self.accelerator = Accelerator(
+            mixed_precision="no" if on_cpu else config.mixed_precision, cpu=on_cpu, device_placement=False
+        )
+        torch.manual_seed(config.seed)  # LoRA A's initialisation
+        self.params = add_lora(models.unet, config.train.lora_rank)
+        if config.train.gradient_checkpointing:
+            models.unet.enable_gradient_checkpointing()
+        self.optimizer = self.accelerator.prepare(make_optimizer(config, self.params))
+        self.policy = Policy(
+            models,
+            encode_prompts(models, [""]),
+            config.sample.guidance_scale,
+            config.train.cfg,
+            config.sample.eta,
+        )
+        log.info(
+            "LoRA rank %d: %d trainable parameters (%s, %s)",
+            config.train.lora_rank,
+            sum(p.numel() for p in self.params),
+            config.train.algorithm,
+            self.accelerator.mixed_precision,
+        )
+
+    def epoch_generator(self, epoch):
+        """The generator of an epoch's shuffles and timestep subsets: a function of (seed, epoch), so resume is exact."""
+        return torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+
+    def optimize(self, num_items, timestep_loss, epoch):
+        """`num_inner_epochs` shuffled passes over items 0..num_items-1; returns the mean statistics.
+
+        timestep_loss(item, step) -> (loss (B,), stats) for one training timestep of one item.
+        """
+        train = self.config.train
+        generator = self.epoch_generator(epoch)
+        metrics = MetricsSum()
+        num_steps = self.config.sample.num_steps
+        for _ in range(train.num_inner_epochs):
+            order = torch.randperm(num_items, generator=generator)
+            for group in order.split(train.batch_size * train.gradient_accumulation_steps):
+                for item in group.tolist():
+                    steps = train_timesteps(num_steps, train.timestep_fraction, generator)
+                    for step in steps:
+                        with self.accelerator.autocast():
+                            loss, stats = timestep_loss(item, step)
+                        self.accelerator.backward(loss.mean() / (len(group) * len(steps)))
+                        metrics.add("loss", loss)
+                        for name, values in stats.items():
+                            metrics.add(name, values)
+                self.accelerator.clip_grad_norm_(self.params, train.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        return metrics.means() | {"lr": self.optimizer.param_groups[0]["lr"]}
+
+    def train_pairs(self, pairs, epoch):
+        """DPO on the epoch's (target, base) pairs; returns the epoch's training metrics."""
+        train = self.config.train
+        self.models.scheduler.set_timesteps(self.config.sample.num_steps, device=self.models.device)
+        timesteps = pairs.preferred.timesteps
+
+        def timestep_loss(k, step):
+            latents = torch.stack([pairs.preferred.latents[k], pairs.dispreferred.latents[k]])  # (2, T+1, C, H, W)
+            embeds = pairs.prompt_embeds[k : k + 1].expand(2, -1, -1).to(self.models.device)
+            log_prob, noise = self.policy.transition(latents, timesteps, step, embeds)
+            ref_log_prob, ref_noise = self.policy.reference_transition(latents, timesteps, step, embeds)
+            log_ratio = log_prob - ref_log_prob  # (2,): [w, l]
+            return dpo_loss(log_ratio[:1], log_ratio[1:], noise[:1], ref_noise[:1], train.alpha, train.beta, train.eps)
+
+        return self.optimize(len(pairs), timestep_loss, epoch)
+
+    def train_samples(self, samples, epoch):
+        """DDPO (PPO-clip) on the epoch's scored samples; returns the epoch's training metrics."""
+        self.models.scheduler.set_timesteps(self.config.sample.num_steps, device=self.models.device)
+        trajectories = samples.trajectories
+
+        def timestep_loss(i, step):
+            embeds = samples.prompt_embeds[i : i + 1].to(self.models.device)
+            log_prob, _ = self.policy.transition(trajectories.latents[i : i + 1], trajectories.timesteps, step, embeds)
+            old_log_prob = trajectories.log_probs[i : i + 1, step].to(log_prob.device)
+            advantage = samples.advantages[i : i + 1].to(log_prob.device)
+            return ppo_loss(log_prob, old_log_prob, advantage, self.config.train.eps)
+
+        return self.optimize(len(samples), timestep_loss, epoch)
