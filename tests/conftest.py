@@ -2,11 +2,15 @@
 
 import os
 
-import pytest
-import torch
+# one thread per process, for the tests and the entry scripts they start: on 2 loaded cores,
+# torch with 2 threads can run many times slower than with 1
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(1)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
