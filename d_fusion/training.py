@@ -20,6 +20,8 @@ from accelerate import Accelerator
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 
+from d_fusion.checkpoints import checkpoint_due, resume, save_checkpoint
+from d_fusion.datadir import checkpoints_in
 from d_fusion.ddim import ddim_step_with_logprob
 from d_fusion.errors import UserError
 from d_fusion.sampling import Trajectories, encode_prompts, guided_noise
@@ -85,10 +87,15 @@ class Policy:
         with torch.no_grad(), reference_policy(self.models.unet):
             return self.transition(latents, timesteps, step, prompt_embeds)
 
+    def set_timesteps(self, num_steps):
+        """The scheduler's step spacing, which `transition` uses for t' (sampling sets the same)."""
+        self.models.scheduler.set_timesteps(num_steps, device=self.models.device)
+
     @torch.no_grad()
     def trajectory_log_probs(self, trajectories, prompt_embeds):
         """Log-probs (B, T) of every step of stored trajectories under the current policy."""
         steps = range(trajectories.timesteps.shape[0])
+        self.set_timesteps(len(steps))
         return torch.stack(
             [self.transition(trajectories.latents, trajectories.timesteps, j, prompt_embeds)[0] for j in steps], dim=1
         ).cpu()
@@ -274,6 +281,7 @@ class Trainer:
         generator = self.epoch_generator(epoch)
         metrics = MetricsSum()
         num_steps = self.config.sample.num_steps
+        self.policy.set_timesteps(num_steps)
         for _ in range(train.num_inner_epochs):
             order = torch.randperm(num_items, generator=generator)
             for group in order.split(train.batch_size * train.gradient_accumulation_steps):
@@ -294,7 +302,6 @@ class Trainer:
     def train_pairs(self, pairs, epoch):
         """DPO on the epoch's (target, base) pairs; returns the epoch's training metrics."""
         train = self.config.train
-        self.models.scheduler.set_timesteps(self.config.sample.num_steps, device=self.models.device)
         timesteps = pairs.preferred.timesteps
 
         def timestep_loss(k, step):
@@ -309,7 +316,6 @@ class Trainer:
 
     def train_samples(self, samples, epoch):
         """DDPO (PPO-clip) on the epoch's scored samples; returns the epoch's training metrics."""
-        self.models.scheduler.set_timesteps(self.config.sample.num_steps, device=self.models.device)
         trajectories = samples.trajectories
 
         def timestep_loss(i, step):
@@ -320,3 +326,125 @@ class Trainer:
             return ppo_loss(log_prob, old_log_prob, advantage, self.config.train.eps)
 
         return self.optimize(len(samples), timestep_loss, epoch)
+
+
+# ---------------------------------------------------------------- the epoch's inputs from data/<exp_name>/epoch<k>/
+
+
+def stack_trajectories(load, indices):
+    """Stored trajectories (dicts of latents (T+1, C, H, W), log_probs (T,), timesteps (T,)) -> Trajectories."""
+    stored = [load(i) for i in indices]
+    return Trajectories(
+        torch.stack([s["latents"] for s in stored]), torch.stack([s["log_probs"] for s in stored]), stored[0]["timesteps"]
+    )
+
+
+def embed_prompts(models, prompts):
+    """Embeddings (N, 77, D) of a list of prompts, each distinct prompt encoded once."""
+    distinct = list(dict.fromkeys(prompts))
+    table = encode_prompts(models, distinct)
+    return table[[distinct.index(p) for p in prompts]]
+
+
+def complete_scores(image_set, count):
+    scores = image_set.read_scores()
+    if len(scores) != count:
+        raise UserError(
+            f"{image_set.scores_file} holds {len(scores)} of {count} scores: the epoch was not scored to the end"
+        )
+    return scores
+
+
+def load_pairs(models, epoch_dir):
+    """The epoch's (target, base) pairs, from eval/injected_map.json and both trajectory folders."""
+    pairs = epoch_dir.read_injected_map()  # [(base index, reference index)] in target order
+    prompts = epoch_dir.injected.published_prompts()
+    if not pairs or len(prompts) != len(pairs):
+        raise UserError(
+            f"{epoch_dir.root}: {len(prompts)} targets published for {len(pairs)} pairs; "
+            "the fusion stage did not finish, rerun to complete it"
+        )
+    return PreferencePairs(
+        stack_trajectories(epoch_dir.load_injected_trajectory, range(len(pairs))),
+        stack_trajectories(epoch_dir.load_trajectory, [base for base, _ in pairs]),
+        embed_prompts(models, prompts),
+    )
+
+
+def load_scored_samples(policy, epoch_dir, adv_clip_max):
+    """The epoch's samples and targets with advantages; the targets' old log-probs recomputed without fusion."""
+    sample_prompts, target_prompts = epoch_dir.sampled.published_prompts(), epoch_dir.injected.published_prompts()
+    samples = stack_trajectories(epoch_dir.load_trajectory, range(len(sample_prompts)))
+    targets = stack_trajectories(epoch_dir.load_injected_trajectory, range(len(target_prompts)))
+    target_embeds = embed_prompts(policy.models, target_prompts)
+    targets.log_probs = torch.cat(
+        [policy.trajectory_log_probs(targets[i : i + 1], target_embeds[i : i + 1]) for i in range(len(target_prompts))]
+    )
+    prompts = sample_prompts + target_prompts
+    scores = complete_scores(epoch_dir.sampled, len(sample_prompts)) + complete_scores(
+        epoch_dir.injected, len(target_prompts)
+    )
+    return ScoredSamples(
+        Trajectories.cat([samples, targets]),
+        torch.cat([embed_prompts(policy.models, sample_prompts), target_embeds]),
+        per_prompt_advantages(scores, prompts, adv_clip_max),
+    )
+
+
+# ---------------------------------------------------------------- the loop's training stage
+
+
+def mean_score(image_set):
+    scores = image_set.read_scores()
+    return sum(scores) / len(scores) if scores else None
+
+
+def tensorboard_writer(config, experiment):
+    if not config.train.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError(
+            "config.train.tensorboard is set but tensorboard is not installed: pip install tensorboard, "
+            "or leave it off (the metrics are in metrics.jsonl either way)"
+        ) from None
+    return SummaryWriter(experiment.tensorboard_dir)
+
+
+class TrainingStage:
+    """Set up before the epoch loop (LoRA, optimizer, resume); `train_epoch` is the epoch's last stage."""
+
+    def __init__(self, config, models, experiment):
+        self.config, self.experiment = config, experiment
+        self.trainer = Trainer(config, models)
+        self.first_epoch = resume(self.trainer, config)
+        if not config.resume_from and checkpoints_in(experiment.checkpoints):
+            log.warning(
+                "%s holds checkpoints but config.resume_from is empty: training starts again from the "
+                "pretrained UNet (pass --config.resume_from %s to continue)",
+                experiment.root,
+                experiment.checkpoints,
+            )
+        self.tensorboard = tensorboard_writer(config, experiment)
+
+    def train_epoch(self, epoch):
+        """Train on the epoch's pairs (DPO) or scored samples (DDPO), record the metrics, checkpoint when due."""
+        epoch_dir, trainer = self.experiment.epoch(epoch), self.trainer
+        if self.config.train.algorithm == "dpo":
+            metrics = trainer.train_pairs(load_pairs(trainer.models, epoch_dir), epoch)
+        else:
+            samples = load_scored_samples(trainer.policy, epoch_dir, self.config.train.adv_clip_max)
+            metrics = trainer.train_samples(samples, epoch)
+        metrics = dict(epoch=epoch, **metrics)
+        metrics.update(sample_score=mean_score(epoch_dir.sampled), target_score=mean_score(epoch_dir.injected))
+        self.experiment.record_metrics(metrics)
+        log.info("epoch %d training: %s", epoch, " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if v is not None))
+        if self.tensorboard is not None:
+            for name, value in metrics.items():
+                if name != "epoch" and value is not None:
+                    self.tensorboard.add_scalar(f"train/{name}", value, epoch)
+            self.tensorboard.flush()
+        if checkpoint_due(self.config, epoch):
+            save_checkpoint(trainer, self.experiment, epoch)
+        return metrics
