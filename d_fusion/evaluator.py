@@ -152,7 +152,7 @@ class ScoreCollector:
                     log.warning(
                         "no new scores for %.0f s. Is the scorer running? Start it in another terminal with the same "
                         "exp_name and config: python run_eval.py --config.exp_name %s, or rerun this command "
-                        "with --config.eval.inline True to score in this process",
+                        "with --config.eval.inline=True to score in this process",
                         ev.no_scorer_timeout,
                         self.config.exp_name,
                     )
