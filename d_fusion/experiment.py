@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from d_fusion.datadir import ExperimentDir, write_image
 from d_fusion.errors import UserError
 from d_fusion.evaluator import ScoreCollector
-from d_fusion.injection import injection_from_config
+from d_fusion.fusion import check_fusion_inputs, fuse_epoch
 from d_fusion.logs import setup_logging
 from d_fusion.models import load_models_from_config
 from d_fusion.prompts import epoch_samples, load_prompts
@@ -68,7 +68,7 @@ def run_experiment(config):
     experiment = ExperimentDir(config.save_path, config.exp_name)
     setup_logging(experiment.log_file)
     prompts = load_prompts(config)
-    injection_from_config(config)  # a malformed fusion string fails here, before any work
+    objects = check_fusion_inputs(config, prompts)  # bad fusion inputs fail here, before any work
     samples = epoch_samples(prompts, config.sample.batch_size, config.sample.num_batches_per_epoch)
     log.info("experiment %s: %d prompts, %d samples per epoch", experiment.root, len(prompts), len(samples))
 
@@ -79,5 +79,6 @@ def run_experiment(config):
     for epoch in tqdm(range(config.train.begin_epoch, config.train.num_epochs), desc="epoch", unit="epoch"):
         epoch_dir = experiment.epoch(epoch)
         sample_epoch(config, models, epoch_dir, epoch, samples, negative_embeds)
-        image_scores = scores.collect(epoch, epoch_dir.sampled)  # noqa: F841  (pairing, issue 7, uses them)
+        image_scores = scores.collect(epoch, epoch_dir.sampled)
+        fuse_epoch(config, models, epoch_dir, epoch, samples, image_scores, negative_embeds, objects)
     experiment.mark_finished(config.train.num_epochs)

@@ -1,0 +1,146 @@
+import os
+
+import pytest
+import torch
+
+from d_fusion import fusion
+from d_fusion.errors import UserError
+from d_fusion.experiment import sample_epoch
+from d_fusion.fusion import FusionSettings, check_fusion_inputs, fuse_epoch, fused_sampling
+from d_fusion.injection import parse_injection
+from d_fusion.masks import PromptObjects, item_selection
+from d_fusion.sampling import encode_prompts, sample_generators, sample_trajectories
+
+PROMPT = "a dog driving a car"
+SEED, EPOCH, N = 42, 0, 8  # sample j's generator: seed + epoch * N + j
+
+
+def settings(num_steps=4, inject_component="T,T,T,T,T,F", inject_t=None, inject_l="3-6,3-6,3-6,3-6,3-6,", **kwargs):
+    inject_t = inject_t if inject_t is not None else f"0-{num_steps - 2}," * 5
+    return FusionSettings(
+        parse_injection(inject_component, inject_t, inject_l), num_steps, 1.0, 5.0, True, **kwargs
+    )
+
+
+def generators(indices):
+    return sample_generators(SEED, EPOCH, N, indices)
+
+
+def fuse(sd, fusion_settings, references=(0,), bases=(5, 6), guide=(0, 0), thresholds=(0.03, 0.01)):
+    """Targets of `bases`, guided by `references` (rows given by `guide`), objects: words 1 and 4."""
+    prompts = [PROMPT] * len(references)
+    objects = {PROMPT: PromptObjects((1, 4), thresholds)}
+    weights, item_thresholds = item_selection(sd.tokenizer, prompts, objects, 77)
+    return fused_sampling(
+        sd.unet, sd.scheduler, encode_prompts(sd, prompts), encode_prompts(sd, [""]), generators(references),
+        generators(bases), torch.tensor(guide), weights, item_thresholds, fusion_settings,
+    )
+
+
+def stored(sd, indices, num_steps=4):
+    """Trajectories of `indices` as sampling makes them, in one batch of those samples."""
+    embeds = encode_prompts(sd, [PROMPT] * len(indices))
+    negative = encode_prompts(sd, [""]).expand(len(indices), -1, -1)
+    return sample_trajectories(sd, embeds, negative, generators(indices), num_steps, 1.0, 5.0, progress=False)
+
+
+def test_regenerated_reference_and_base_equal_their_stored_trajectories(tiny_sd):
+    result = fuse(tiny_sd, settings(base_pass=True))
+    reference, bases = stored(tiny_sd, [0]), stored(tiny_sd, [5, 6])
+    assert torch.equal(result.references.latents, reference.latents)
+    assert torch.equal(result.references.log_probs, reference.log_probs)
+    assert torch.equal(result.bases.latents, bases.latents)
+    # the target starts from its base's noise and is changed by the fusion
+    assert torch.equal(result.targets.latents[:, 0], bases.latents[:, 0])
+    assert (result.targets.latents[:, -1] - bases.latents[:, -1]).abs().max() > 1e-3
+    assert result.reference_masks.shape == (1, 4, 2, 4, 4) and result.base_masks.shape == (2, 4, 2, 4, 4)
+
+
+@pytest.mark.parametrize(
+    "fusion_settings, thresholds",
+    [
+        (settings(inject_t=",,,,,", base_pass=True), (0.03, 0.01)),  # no step fuses
+        (settings(base_pass=True), (1.5, 1.5)),  # every object's mask is empty
+    ],
+)
+def test_target_equals_base_without_fusion(tiny_sd, fusion_settings, thresholds):
+    result = fuse(tiny_sd, fusion_settings, thresholds=thresholds)
+    assert torch.equal(result.targets.latents, result.bases.latents)
+    assert torch.equal(result.targets.log_probs, result.bases.log_probs)
+
+
+def test_fusion_happens_exactly_at_the_specs_steps_and_blocks(tiny_sd):
+    # the release's defaults with 20 steps: steps 2..19, blocks 3..6
+    result = fuse(tiny_sd, settings(20, inject_t="0-18,0-18,0-18,0-18,0-18,", use_mask=False), bases=(5,), guide=(0,))
+    assert set(result.fused) == {(i, b) for i in range(2, 20) for b in range(3, 7)}
+    # keys off; values at lo <= 19 - i < hi = 10..14 and blocks 4..5
+    values_only = settings(20, "T,F,T,F,F,F", inject_t=",,5-10,,,", inject_l=",,4-5,,,", use_mask=False)
+    result = fuse(tiny_sd, values_only, bases=(5,), guide=(0,))
+    assert set(result.fused) == {(i, b) for i in range(10, 15) for b in (4, 5)}
+
+
+@pytest.fixture
+def one_prompt_config(tiny_config):
+    tiny_config.prompt_file = ""
+    tiny_config.prompt = PROMPT
+    tiny_config.item_idx = [1, 4]
+    tiny_config.mask_thr_file = ""
+    tiny_config.mask_thr = 0.02
+    tiny_config.item_idx_file = ""
+    tiny_config.sample.num_steps = 3
+    tiny_config.inject_t = "0-2,0-2,0-2,0-2,0-2,"
+    tiny_config.sample.batch_size = 4
+    tiny_config.sample.num_batches_per_epoch = 2
+    return tiny_config
+
+
+def test_fuse_epoch_writes_targets_and_a_rerun_reuses_them(tiny_sd, one_prompt_config, monkeypatch):
+    from d_fusion.datadir import ExperimentDir, read_json
+
+    config = one_prompt_config
+    samples = [PROMPT] * 8
+    objects = check_fusion_inputs(config, [PROMPT])
+    epoch_dir = ExperimentDir(config.save_path, config.exp_name).epoch(0)
+    negative = encode_prompts(tiny_sd, [""])
+    sample_epoch(config, tiny_sd, epoch_dir, 0, samples, negative)
+    scores = [0.1, 0.9, 0.5, 0.3, 0.8, 0.2, 0.4, 0.7]  # references 1, 4; bases 6, 3, 5, 0
+    pairs = fuse_epoch(config, tiny_sd, epoch_dir, 0, samples, scores, negative, objects)
+
+    assert [(p.reference, p.base) for p in pairs] == [(1, 6), (1, 3), (4, 5), (4, 0)]
+    assert epoch_dir.read_injected_map() == [(6, 1), (3, 1), (5, 4), (0, 4)]
+    assert read_json(epoch_dir.injected.prompts_file) == [PROMPT] * 4
+    for pair in pairs:
+        target = epoch_dir.load_injected_trajectory(pair.target)
+        base = epoch_dir.load_trajectory(pair.base)
+        assert target["latents"].shape == base["latents"].shape and target["log_probs"].shape == (3,)
+        assert torch.equal(target["latents"][0], base["latents"][0])  # the base's x_T
+        assert os.path.isfile(epoch_dir.injected.image_path(pair.target))
+        with open(epoch_dir.reference_image_path(pair.target), "rb") as f, open(epoch_dir.image_path(pair.reference), "rb") as g:
+            assert f.read() == g.read()
+        with open(epoch_dir.base_image_path(pair.target), "rb") as f, open(epoch_dir.image_path(pair.base), "rb") as g:
+            assert f.read() == g.read()
+    masks = sorted(os.listdir(os.path.dirname(epoch_dir.mask_path(0, 0, 0))))
+    assert masks == [f"{r:05d}_item{k}_t{s:02d}.png" for r in (1, 4) for k in (0, 1) for s in range(3)]
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("published targets are made again")
+
+    monkeypatch.setattr(fusion, "fused_sampling", no_sampling)
+    fuse_epoch(config, tiny_sd, epoch_dir, 0, samples, scores, negative, objects)
+    with pytest.raises(UserError, match="scores changed"):
+        fuse_epoch(config, tiny_sd, epoch_dir, 0, samples, scores[::-1], negative, objects)
+
+
+def test_start_up_checks(one_prompt_config):
+    config = one_prompt_config
+    config.sample.batch_size = 3
+    with pytest.raises(UserError, match="multiple of 4"):
+        check_fusion_inputs(config, [PROMPT])
+    config.sample.batch_size = 2
+    config.fusion.mask_images = "some"
+    with pytest.raises(UserError, match="mask_images"):
+        check_fusion_inputs(config, [PROMPT])
+    config.fusion.mask_images = "last"
+    config.item_idx = [1, 7]
+    with pytest.raises(UserError, match="word positions"):
+        check_fusion_inputs(config, [PROMPT])
