@@ -24,6 +24,18 @@
             eval/images_scores.json   CLIP scores of images/: {"count", "mean", "scores": [one per image]}
             eval/injected_images_scores.json   the same for injected_images/
             eval/prompt_history.json  per prompt, the scores of images/ of every epoch up to k
+        heldout/<prompt set>/         run_heldout.py on a prompt file (the set is the file's name without .json)
+            table.csv, table.json     per prompt and overall: mean CLIP score of each model, delta vs base
+            <model>/                  "base", or the checkpoint's folder name (checkpoint_<k>)
+                settings.json         what made the images (model, checkpoint, prompts, seeds, sampling)
+                images/00000.png ...  images_per_prompt images per prompt, prompt by prompt; image j's seed is seed + j
+                prompt.json           their prompts, in index order
+                eval/images_scores.json   their CLIP scores, as an epoch's
+        report/                       run_report.py: a static HTML report of the folder
+            index.html                links images by relative paths inside data/<exp_name>/
+            curves_<name>.png         curves over epochs (clip, training, heldout)
+            epoch<k>/grid.png         rows of reference | base | target | mask overlay, with scores
+            epoch<k>/overlay_00000.png   target 00000 with its reference's object mask overlaid
 
 Every file another process reads is written to a temporary name and renamed into place, so a
 reader sees the whole file or none of it. An image set (`images/`, `injected_images/`) is
@@ -33,6 +45,8 @@ Scores are written the same way, in index order, after each scored batch.
 """
 
 import contextlib
+import csv
+import io
 import json
 import os
 import shutil
@@ -81,6 +95,19 @@ def write_json(path, data):
             json.dump(data, f, indent=1)
 
     _atomic(path, write)
+
+
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    _atomic(path, write)
+
+
+def write_figure(path, figure):
+    """A matplotlib figure -> PNG."""
+    _atomic(path, lambda tmp: figure.savefig(tmp, format="png"))
 
 
 def read_json(path, what="file"):
@@ -247,6 +274,16 @@ class EpochDir:
         """Picture of object `item`'s mask of sample `index` (images/ numbering) at step index `step`."""
         return self.path("mask", f"{index:05d}_item{item}_t{step:02d}.png")
 
+    def saved_masks(self, index):
+        """The mask pictures of sample `index` on disk: {item: {step: path}}."""
+        folder, prefix = self.path("mask"), f"{index:05d}_item"
+        masks = {}
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            item, _, step = name[len(prefix) : -len(".png")].partition("_t")
+            if name.startswith(prefix) and name.endswith(".png") and item.isdigit() and step.isdigit():
+                masks.setdefault(int(item), {})[int(step)] = os.path.join(folder, name)
+        return masks
+
     @property
     def injected_map_file(self):
         return self.path("eval", "injected_map.json")
@@ -303,6 +340,86 @@ def checkpoints_in(folder):
     return sorted((c for c in found if c.is_checkpoint()), key=lambda c: c.epoch)
 
 
+class HeldoutModelDir:
+    """heldout/<prompt set>/<model>/: one model's held-out images and scores, and what made them."""
+
+    def __init__(self, root):
+        self.root = root
+        self.name = os.path.basename(root)
+        self.images = ImageSet(root, "images", "prompt.json")
+
+    @property
+    def settings_file(self):
+        return os.path.join(self.root, "settings.json")
+
+    def read_settings(self):
+        """The settings that made the images; None before they are complete."""
+        return read_json(self.settings_file, "held-out settings") if os.path.exists(self.settings_file) else None
+
+    def write_settings(self, settings):
+        """Written last: the model's images and scores are complete."""
+        write_json(self.settings_file, settings)
+
+    def clear(self):
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class HeldoutDir:
+    """heldout/<prompt set>/: the held-out results of every model evaluated on one prompt file."""
+
+    def __init__(self, root):
+        self.root = root
+        self.name = os.path.basename(root)
+
+    def model(self, name):
+        return HeldoutModelDir(os.path.join(self.root, name))
+
+    def models(self):
+        """The models whose results are complete."""
+        names = sorted(os.listdir(self.root)) if os.path.isdir(self.root) else []
+        return [m for m in map(self.model, names) if os.path.isfile(m.settings_file)]
+
+    @property
+    def table_csv(self):
+        return os.path.join(self.root, "table.csv")
+
+    @property
+    def table_json(self):
+        return os.path.join(self.root, "table.json")
+
+    def write_table(self, rows):
+        """rows: dicts with the same keys in column order (first "prompt") -> table.csv and table.json."""
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(self.table_csv, text.getvalue())
+        write_json(self.table_json, dict(rows=rows))
+
+    def read_table(self):
+        return read_json(self.table_json, "held-out table")["rows"]
+
+
+class ReportDir:
+    """report/: the static HTML report and its pictures."""
+
+    def __init__(self, root):
+        self.root = root
+
+    @property
+    def index_html(self):
+        return os.path.join(self.root, "index.html")
+
+    def curves(self, name):
+        return os.path.join(self.root, f"curves_{name}.png")
+
+    def epoch_grid(self, k):
+        return os.path.join(self.root, f"epoch{k}", "grid.png")
+
+    def overlay(self, k, target):
+        return os.path.join(self.root, f"epoch{k}", f"overlay_{image_name(target)}")
+
+
 class ExperimentDir:
     def __init__(self, save_path, exp_name):
         if not exp_name:
@@ -354,6 +471,28 @@ class ExperimentDir:
                 f.writelines(lines + [json.dumps(metrics) + "\n"])
 
         _atomic(self.metrics_file, write)
+
+    def read_metrics(self):
+        """The lines of metrics.jsonl (dicts with "epoch"), in epoch order; [] before the first trained epoch."""
+        if not os.path.exists(self.metrics_file):
+            return []
+        with open(self.metrics_file) as f:
+            try:
+                return [json.loads(line) for line in f if line.strip()]
+            except json.JSONDecodeError as error:
+                raise UserError(f"metrics file {self.metrics_file} is corrupt ({error}); move it aside") from None
+
+    @property
+    def report(self):
+        return ReportDir(os.path.join(self.root, "report"))
+
+    def heldout(self, prompt_set):
+        return HeldoutDir(os.path.join(self.root, "heldout", prompt_set))
+
+    def heldout_sets(self):
+        """The prompt sets with held-out results, by name."""
+        folder = os.path.join(self.root, "heldout")
+        return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
 
     def mark_finished(self, num_epochs):
         write_json(self.finished_file, dict(num_epochs=num_epochs))
