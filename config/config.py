@@ -108,6 +108,20 @@ def project_config(config):
     fusion.use_mask = True  # False: fuse without a mask (K' = K_ref, V' = V_ref over the whole image)
     fusion.mask_images = "all"  # mask pictures under mask/: "all" steps, the "last" step, or "none"
     fusion.base_masks = False  # also regenerate each base (one more UNet pass per step) to save its masks
+
+    # --- held-out evaluation and report (issue 6): run_heldout.py, run_report.py ---
+    config.heldout = heldout = ml_collections.ConfigDict()
+    heldout.prompt_file = "config/prompt/template1_test.json"  # held-out prompts (a JSON list)
+    heldout.images_per_prompt = 4  # image j (prompt by prompt) has seed `seed + j`, for every model alike
+    heldout.batch_size = 4  # images per sampling batch
+    # "" evaluates the base model only; a checkpoint folder (checkpoints/checkpoint_<k>) adds it; a folder
+    # of checkpoints adds each of them. Results already on disk with the same settings are reused.
+    heldout.checkpoint = ""
+    config.report = report = ml_collections.ConfigDict()
+    report.each_epoch = False  # the sampler also updates data/<exp_name>/report/ after every epoch
+    report.watch = False  # run_report.py keeps updating the report until the sampler has finished
+    report.poll_interval = 30.0  # seconds between updates when watching
+    report.thumbnail = 256  # side in pixels of each picture in the epoch grids
     return config
 
 

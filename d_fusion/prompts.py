@@ -8,9 +8,14 @@ def load_prompts(config):
     """The prompt list, in file order: `prompt_file` (a JSON list) when set, else [`prompt`]."""
     if not config.prompt_file:
         return [config.prompt]
-    prompts = read_json(config.prompt_file, "prompt file")
+    return read_prompt_file(config.prompt_file)
+
+
+def read_prompt_file(path):
+    """A prompt file: a non-empty JSON list of prompts."""
+    prompts = read_json(path, "prompt file")
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise UserError(f"prompt file {config.prompt_file} must hold a non-empty JSON list of strings")
+        raise UserError(f"prompt file {path} must hold a non-empty JSON list of strings")
     return prompts
 
 
