@@ -17,6 +17,7 @@ from d_fusion.logs import setup_logging
 from d_fusion.models import load_models_from_config
 from d_fusion.prompts import epoch_samples, load_prompts
 from d_fusion.sampling import decode_images, encode_prompts, sample_generators, sample_trajectories
+from d_fusion.training import TrainingStage
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +76,18 @@ def run_experiment(config):
     models = load_models_from_config(config)
     negative_embeds = encode_prompts(models, [""])
     scores = ScoreCollector(config, experiment)
+    # LoRA on models.unet in place (the next epoch samples from it), optimizer, resume_from
+    training = TrainingStage(config, models, experiment) if config.use_lora else None
+    if training is None:
+        log.warning("config.use_lora is False: no training, every epoch samples from the pretrained UNet")
+    first_epoch = training.first_epoch if training else config.train.begin_epoch
     experiment.clear_finished()
-    for epoch in tqdm(range(config.train.begin_epoch, config.train.num_epochs), desc="epoch", unit="epoch"):
+    for epoch in tqdm(range(first_epoch, config.train.num_epochs), desc="epoch", unit="epoch"):
         epoch_dir = experiment.epoch(epoch)
         sample_epoch(config, models, epoch_dir, epoch, samples, negative_embeds)
         image_scores = scores.collect(epoch, epoch_dir.sampled)
         fuse_epoch(config, models, epoch_dir, epoch, samples, image_scores, negative_embeds, objects)
+        scores.collect(epoch, epoch_dir.injected)
+        if training:
+            training.train_epoch(epoch)
     experiment.mark_finished(config.train.num_epochs)
