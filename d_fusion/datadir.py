@@ -331,6 +331,12 @@ class CheckpointDir:
         return all(os.path.isfile(f) for f in (self.lora_weights, self.state_tensors_file, self.state_file))
 
 
+def checkpoint_epoch(name):
+    """k of a folder named checkpoint_<k>; None for any other name."""
+    number = name[len("checkpoint_") :]
+    return int(number) if name.startswith("checkpoint_") and number.isdigit() else None
+
+
 def checkpoints_in(folder):
     """The checkpoint_<k> folders inside `folder`, oldest epoch first."""
     if not os.path.isdir(folder):

@@ -1,0 +1,203 @@
+"""The report: every image it links exists, its numbers are the score files', it redraws only what changed."""
+
+import os
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+
+from d_fusion.datadir import ExperimentDir, read_image, write_image
+from d_fusion.errors import UserError
+from d_fusion.heldout import comparison_table
+from d_fusion.pairing import pair_samples
+from d_fusion.report import build_report
+
+PROMPTS = ["a cat playing chess", "a dog eating a sandwich"]
+PER_PROMPT = 4
+SIDE = 64
+CHROMIUM = "/usr/bin/chromium"
+
+
+def picture(rng):
+    """A smooth random colour picture (SIDE, SIDE, 3) uint8."""
+    ramp = np.linspace(0, 1, SIDE)
+    colours = rng.uniform(0, 255, size=(2, 3))
+    return (ramp[:, None, None] * colours[0] + ramp[None, :, None] * (255 - colours[1])).clip(0, 255).astype(np.uint8)
+
+
+def square_mask(low, high):
+    mask = np.zeros((SIDE, SIDE, 3), dtype=np.uint8)
+    mask[low:high, low:high] = 255
+    return mask
+
+
+def sample(epoch_dir, rng, scored):
+    """Every sample of the epoch published, the first `scored` scored; returns (prompts, scores)."""
+    prompts = [p for p in PROMPTS for _ in range(PER_PROMPT)]
+    for i in range(len(prompts)):
+        write_image(epoch_dir.image_path(i), picture(rng))
+    epoch_dir.publish_samples(prompts)
+    scores = [float(s) for s in rng.uniform(0.2, 0.35, size=len(prompts))]
+    epoch_dir.sampled.write_scores(scores[:scored])
+    return prompts, scores
+
+
+def fuse(epoch_dir, rng, prompts, scores, published, scored):
+    """The pairs' map and masks (items 0 and 1, steps 0-1), the first `published` targets, `scored` scored."""
+    pairs = pair_samples(prompts, scores, PER_PROMPT)
+    epoch_dir.write_injected_map([(p.base, p.reference) for p in pairs])
+    for p in pairs:
+        for step in range(2):
+            write_image(epoch_dir.mask_path(p.reference, 0, step), square_mask(8, 24 + 8 * step))
+            write_image(epoch_dir.mask_path(p.reference, 1, step), square_mask(40, 56))
+    for p in pairs[:published]:
+        write_image(epoch_dir.injected.image_path(p.target), picture(rng))
+    epoch_dir.injected.publish([prompts[p.base] for p in pairs[:published]])
+    target_scores = [float(s) for s in rng.uniform(0.2, 0.35, size=len(pairs))]
+    epoch_dir.injected.write_scores(target_scores[:scored])
+    return pairs
+
+
+def evaluate_heldout(experiment, rng):
+    results = experiment.heldout("template1_test")
+    samples = [p for p in PROMPTS for _ in range(2)]
+    scores = {}
+    for name in ("base", "checkpoint_0"):
+        model = results.model(name)
+        for i in range(len(samples)):
+            write_image(model.images.image_path(i), picture(rng))
+        model.images.publish(samples)
+        scores[name] = [float(s) for s in rng.uniform(0.2, 0.35, size=len(samples))]
+        model.images.write_scores(scores[name])
+        model.write_settings(dict(seed=42))
+    results.write_table(comparison_table(samples, scores))
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A format-true run in progress: epoch 0 done and trained, epoch 1 being fused, epoch 2 being sampled."""
+    rng = np.random.default_rng(0)
+    experiment = ExperimentDir(str(tmp_path / "data"), "test")
+    prompts, scores = sample(experiment.epoch(0), rng, scored=8)
+    fuse(experiment.epoch(0), rng, prompts, scores, published=4, scored=4)
+    experiment.record_metrics(dict(epoch=0, loss=0.69, accuracy=0.5, lr=1e-4))
+    prompts, scores = sample(experiment.epoch(1), rng, scored=8)
+    fuse(experiment.epoch(1), rng, prompts, scores, published=2, scored=1)
+    sample(experiment.epoch(2), rng, scored=3)
+    evaluate_heldout(experiment, rng)
+    return experiment
+
+
+class Page(HTMLParser):
+    """The page's linked files and its score spans."""
+
+    def __init__(self, text):
+        super().__init__()
+        self.links, self.scores = [], []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img" or (tag == "a" and not attrs["href"].startswith("#")):
+            self.links.append((attrs.get("src") or attrs["href"]).split("?")[0])
+        if tag == "span" and "data-kind" in attrs:
+            self.scores.append(attrs)
+
+
+def page_of(experiment):
+    with open(build_report(experiment)) as f:
+        return Page(f.read())
+
+
+def report_pictures(experiment):
+    root = experiment.report.root
+    return {
+        os.path.relpath(os.path.join(folder, name), root): os.path.getmtime(os.path.join(folder, name))
+        for folder, _, names in os.walk(root)
+        for name in names
+        if name.endswith(".png")
+    }
+
+
+def test_every_link_exists_and_every_number_is_the_score_files(run):
+    page = page_of(run)
+    root = run.report.root
+    assert page.links and all(os.path.isfile(os.path.join(root, link)) for link in page.links)
+    for name in ("epoch0/images/00000.png", "epoch2/images/00007.png", "report/curves_clip.png"):
+        assert os.path.relpath(os.path.join(run.root, name), root) in page.links
+
+    shown = {}
+    for span in page.scores:
+        epoch_dir = run.epoch(int(span["data-epoch"]))
+        index, kind = int(span["data-index"]), span["data-kind"]
+        if kind == "delta":
+            base, _ = epoch_dir.read_injected_map()[index]
+            targets = epoch_dir.injected.read_scores()
+            truth = targets[index] - epoch_dir.sampled.read_scores()[base] if index < len(targets) else None
+        else:
+            scores = (epoch_dir.sampled if kind == "images" else epoch_dir.injected).read_scores()
+            truth = scores[index] if index < len(scores) else None
+        assert (float(span["data-score"]) if "data-score" in span else None) == truth, span
+        shown.setdefault((int(span["data-epoch"]), kind), set()).add(index)
+    assert shown[(0, "injected_images")] == set(range(4)) and shown[(1, "delta")] == set(range(4))
+    assert shown[(2, "images")] == set(range(8))  # before fusion: every published sample
+
+    report = run.report
+    assert os.path.isfile(report.epoch_grid(0)) and os.path.isfile(report.epoch_grid(1))
+    assert not os.path.exists(report.epoch_grid(2))
+    assert all(os.path.isfile(report.curves(name)) for name in ("clip", "training", "heldout"))
+
+    # the overlay is the target tinted red exactly inside the union of the reference's last-step masks
+    reference = run.epoch(0).read_injected_map()[0][1]
+    target = np.asarray(read_image(run.epoch(0).injected.image_path(0))).astype(int)
+    overlay = np.asarray(read_image(report.overlay(0, 0))).astype(int)
+    inside = np.zeros((SIDE, SIDE), dtype=bool)
+    inside[8:32, 8:32] = inside[40:56, 40:56] = True  # step 1 of item 0, and item 1
+    assert len(run.epoch(0).saved_masks(reference)) == 2
+    assert np.array_equal(overlay[~inside], target[~inside])
+    assert (overlay[inside][:, 0] >= target[inside][:, 0]).all() and (overlay[inside] != target[inside]).any()
+
+
+def test_rerun_redraws_only_what_changed(run):
+    page_of(run)
+    before = report_pictures(run)
+    page_of(run)
+    assert report_pictures(run) == before
+
+    # epoch 1's fusion and scoring go on; epoch 0 and the training curve stay as they were
+    epoch_dir = run.epoch(1)
+    prompts, scores = epoch_dir.published_prompts(), epoch_dir.sampled.read_scores()
+    fuse(epoch_dir, np.random.default_rng(1), prompts, scores, published=4, scored=4)
+    page = page_of(run)
+    after = report_pictures(run)
+    assert after["epoch1/grid.png"] > before["epoch1/grid.png"] and after["curves_clip.png"] > before["curves_clip.png"]
+    for name in ("epoch0/grid.png", "epoch0/overlay_00000.png", "curves_training.png", "curves_heldout.png"):
+        assert after[name] == before[name]
+    assert "epoch1/overlay_00003.png" in after
+    assert sum(s["data-kind"] == "injected_images" and "data-score" in s for s in page.scores) == 8
+
+
+def test_a_new_run_and_a_missing_folder(tmp_path):
+    experiment = ExperimentDir(str(tmp_path), "new")
+    with pytest.raises(UserError, match="exp_name"):
+        build_report(experiment)
+    os.makedirs(experiment.epoch(0).root)  # the sampler has just started
+    text = open(build_report(experiment)).read()
+    assert "No scores yet" in text and "No training metrics yet" in text and "Epoch 0" in text
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed (apt-get install chromium)")
+def test_headless_chromium_renders_the_report(run, tmp_path):
+    index = build_report(run)
+    screenshot = tmp_path / "page.png"
+    flags = "--headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking"
+    flags += " --disable-component-update --disable-sync --hide-scrollbars --window-size=1200,900"
+    command = [CHROMIUM, *flags.split(), f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={screenshot}"]
+    subprocess.run([*command, "file://" + os.path.abspath(index)], capture_output=True, timeout=120, check=False)
+    assert screenshot.exists(), "chromium wrote no screenshot"
+    pixels = np.asarray(read_image(str(screenshot)), dtype=float)
+    assert pixels.shape[:2] == (900, 1200)
+    assert pixels.std() > 20  # text, curves and pictures, not a blank page
+    shutil.rmtree(tmp_path / "profile", ignore_errors=True)
