@@ -16,6 +16,7 @@ from d_fusion.fusion import check_fusion_inputs, fuse_epoch
 from d_fusion.logs import setup_logging
 from d_fusion.models import load_models_from_config
 from d_fusion.prompts import epoch_samples, load_prompts
+from d_fusion.report import update_report
 from d_fusion.sampling import decode_images, encode_prompts, sample_generators, sample_trajectories
 from d_fusion.training import TrainingStage
 
@@ -90,4 +91,6 @@ def run_experiment(config):
         scores.collect(epoch, epoch_dir.injected)
         if training:
             training.train_epoch(epoch)
+        update_report(config, experiment)
     experiment.mark_finished(config.train.num_epochs)
+    update_report(config, experiment)

@@ -10,6 +10,7 @@ import pytest
 
 from d_fusion.datadir import ExperimentDir, read_image, write_image
 from d_fusion.errors import UserError
+from d_fusion.experiment import run_experiment
 from d_fusion.heldout import comparison_table
 from d_fusion.pairing import pair_samples
 from d_fusion.report import build_report
@@ -121,16 +122,13 @@ def report_pictures(experiment):
     }
 
 
-def test_every_link_exists_and_every_number_is_the_score_files(run):
-    page = page_of(run)
-    root = run.report.root
+def check_links_and_scores(experiment, page):
+    """Every linked file exists and every shown score is the score files'; returns {(epoch, kind): indices}."""
+    root = experiment.report.root
     assert page.links and all(os.path.isfile(os.path.join(root, link)) for link in page.links)
-    for name in ("epoch0/images/00000.png", "epoch2/images/00007.png", "report/curves_clip.png"):
-        assert os.path.relpath(os.path.join(run.root, name), root) in page.links
-
     shown = {}
     for span in page.scores:
-        epoch_dir = run.epoch(int(span["data-epoch"]))
+        epoch_dir = experiment.epoch(int(span["data-epoch"]))
         index, kind = int(span["data-index"]), span["data-kind"]
         if kind == "delta":
             base, _ = epoch_dir.read_injected_map()[index]
@@ -141,6 +139,14 @@ def test_every_link_exists_and_every_number_is_the_score_files(run):
             truth = scores[index] if index < len(scores) else None
         assert (float(span["data-score"]) if "data-score" in span else None) == truth, span
         shown.setdefault((int(span["data-epoch"]), kind), set()).add(index)
+    return shown
+
+
+def test_every_link_exists_and_every_number_is_the_score_files(run):
+    page = page_of(run)
+    shown = check_links_and_scores(run, page)
+    for name in ("epoch0/images/00000.png", "epoch2/images/00007.png", "report/curves_clip.png"):
+        assert os.path.relpath(os.path.join(run.root, name), run.report.root) in page.links
     assert shown[(0, "injected_images")] == set(range(4)) and shown[(1, "delta")] == set(range(4))
     assert shown[(2, "images")] == set(range(8))  # before fusion: every published sample
 
@@ -201,3 +207,22 @@ def test_headless_chromium_renders_the_report(run, tmp_path):
     assert pixels.shape[:2] == (900, 1200)
     assert pixels.std() > 20  # text, curves and pictures, not a blank page
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+def test_the_sampler_updates_the_report_of_a_tiny_run(tiny_config):
+    config = tiny_config
+    config.prompt_file = config.item_idx_file = config.mask_thr_file = ""
+    config.prompt, config.item_idx, config.mask_thr = "a cat eating a sandwich", [1, 4], 0.02
+    config.sample.num_steps, config.inject_t = 3, "0-2,0-2,0-2,0-2,0-2,"
+    config.train.num_epochs = 1
+    config.report.each_epoch, config.report.thumbnail = True, 64
+    run_experiment(config)
+
+    experiment = ExperimentDir(config.save_path, config.exp_name)
+    with open(experiment.report.index_html) as f:
+        text = f.read()
+    assert "Run finished" in text
+    shown = check_links_and_scores(experiment, Page(text))
+    pairs = experiment.epoch(0).read_injected_map()
+    assert shown[(0, "injected_images")] == {0, 1} and shown[(0, "images")] == {i for pair in pairs for i in pair}
+    assert os.path.isfile(experiment.report.epoch_grid(0)) and os.path.isfile(experiment.report.curves("training"))
