@@ -29,7 +29,7 @@ OBJECTS = {PROMPT: PromptObjects((1, 4), (0.03, 0.01))}  # the release's item an
 
 def main():
     args = parse_args(
-        __doc__, targets=(int, 4, "targets per batch (even: each reference guides two)"), steps=(int, 20, "DDIM steps")
+        __doc__, targets=(int, 8, "targets per batch (even: each reference guides two)"), steps=(int, 20, "DDIM steps")
     )
     models = build_models(args.size, args.device, args.torch_dtype)
     references = args.targets // 2

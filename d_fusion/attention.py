@@ -105,6 +105,7 @@ def _check_plain_layer(name, attn):
         spatial_norm=attn.spatial_norm is not None,
         norm_cross=attn.norm_cross is not None,
         norm_q=attn.norm_q is not None,
+        norm_k=attn.norm_k is not None,
         residual_connection=attn.residual_connection,
         rescale_output_factor=attn.rescale_output_factor != 1.0,
     )
@@ -196,6 +197,8 @@ class FusionAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, fusion=None):
         layer = self.layer
+        if fusion is not None and attention_mask is not None:
+            raise ValueError(f"{layer.name}: fusion passes do not take an attention mask")
         if isinstance(fusion, Record):
             if layer.self_attention and layer.block in fusion.kv_blocks:
                 return self.record_keys_values(attn, hidden_states, fusion)

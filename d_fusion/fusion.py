@@ -244,4 +244,5 @@ def fuse_epoch(config, models, epoch_dir, epoch, samples, scores, negative_embed
     for start in tqdm(range(len(published), len(pairs), chunk), desc=f"epoch {epoch} fusion", unit="batch"):
         fuse_pairs(config, models, epoch_dir, epoch, samples, pairs[start : start + chunk], negative_embeds, objects, settings)
         epoch_dir.injected.publish(target_prompts[: start + chunk])
+    log.info("epoch %d: %d targets in %s", epoch, len(pairs), epoch_dir.injected.folder)
     return pairs
