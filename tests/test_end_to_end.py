@@ -11,7 +11,7 @@ from d_fusion.datadir import ExperimentDir, checkpoints_in
 from d_fusion.experiment import run_experiment
 from d_fusion.models import load_models
 from d_fusion.sampling import encode_prompts, sample_generators, sample_trajectories
-from d_fusion.training import add_lora, reference_policy
+from d_fusion.training import TrainingStage, add_lora, load_scored_samples
 
 NUM_SAMPLES, NUM_TARGETS, NUM_STEPS = 4, 2, 3
 
@@ -21,7 +21,7 @@ def config(tiny_config):
     tiny_config.prompt_file = tiny_config.item_idx_file = tiny_config.mask_thr_file = ""
     tiny_config.prompt = "a cat eating a sandwich"
     tiny_config.item_idx = [1, 4]
-    tiny_config.mask_thr = 0.02
+    tiny_config.mask_thr = 0.0  # masks cover the whole image: the targets differ clearly from their bases
     tiny_config.sample.num_steps = NUM_STEPS
     tiny_config.inject_t = "0-2,0-2,0-2,0-2,0-2,"
     tiny_config.sample.batch_size = NUM_SAMPLES
@@ -86,3 +86,14 @@ def test_two_epochs_write_everything_and_epoch_1_samples_from_the_trained_unet(c
     torch.testing.assert_close(regenerate_epoch_1(config, trained), stored, atol=1e-6, rtol=0)
     pretrained = regenerate_epoch_1(config, lambda models: None)
     assert not torch.allclose(pretrained, stored, atol=1e-4)
+
+    # DDPO trains on the same epoch files: samples and targets, targets' old log-probs recomputed without fusion
+    config.train.algorithm = "ddpo"
+    config.resume_from = experiment.checkpoint(0).root  # the policy that sampled epoch 1
+    config.train.gradient_accumulation_steps = NUM_SAMPLES + NUM_TARGETS  # one optimizer step, after every loss
+    stage = TrainingStage(config, load_models(config.pretrained.model, mixed_precision="no"), experiment)
+    scored = load_scored_samples(stage.trainer.policy, experiment.epoch(1), config.train.adv_clip_max)
+    assert len(scored) == NUM_SAMPLES + NUM_TARGETS and scored.advantages.mean().abs() < 1e-5
+    fused = torch.stack([experiment.epoch(1).load_injected_trajectory(t)["log_probs"] for t in range(NUM_TARGETS)])
+    assert (scored.trajectories.log_probs[NUM_SAMPLES:] - fused).abs().max() > 1e-3
+    assert stage.train_epoch(1)["loss"] == pytest.approx(-scored.advantages.mean().item(), abs=1e-5)  # every ratio is 1
