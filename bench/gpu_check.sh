@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU check: every benchmark at SD 2.1 base size (real architectures, random weights), one call.
+#
+#   bash bench/gpu_check.sh           # on a GPU machine: sd21 size, fp16
+#   bash bench/gpu_check.sh --small   # anywhere: the tiny model on the CPU, to check the script
+#
+# On the lent GPU machine, diffusers, open_clip and ml_collections travel as wheels in .whl/
+# (see bench/RESULTS.md); they are installed into /tmp/site first. The log goes to $OUT when set.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+if [ -d .whl ] && ! python3 -c "import diffusers" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+log=${OUT:-/tmp}/gpu_check.log
+if [ "${1:-}" = "--small" ]; then
+    size=(--size tiny --device cpu --repeats 2); batch=4; targets=4
+else
+    size=(--size sd21 --repeats 3); batch=8; targets=8
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+fi
+{
+    python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
+    python3 bench/bench_sampling.py "${size[@]}" --batch $batch --steps 20
+    python3 bench/bench_fusion.py "${size[@]}" --targets $targets --steps 20
+    python3 bench/bench_train.py "${size[@]}" --steps 20
+    python3 bench/bench_attention.py "${size[@]}" --batch $batch
+} 2>&1 | grep -v -E "Warning|warn|should be kept in float32|Loading weights" | tee "$log"
