@@ -359,24 +359,36 @@ def epoch_html(view, overlays, grid, root):
     return "\n".join(parts)
 
 
+def table_html(rows):
+    """Rows of dicts (held-out table) as an HTML table; deltas signed."""
+    header = "".join(f"<th>{html.escape(column)}</th>" for column in rows[0])
+    body = [
+        "<tr>"
+        + "".join(
+            f"<td>{score_text(value, signed=column.endswith(' - base'))}</td>"
+            if isinstance(value, float)
+            else f"<td>{html.escape(str(value))}</td>"
+            for column, value in row.items()
+        )
+        + "</tr>"
+        for row in rows
+    ]
+    return f"<table><tr>{header}</tr>\n" + "\n".join(body) + "</table>"
+
+
 def heldout_html(experiment):
+    """Per prompt set: the overall row, then the per-prompt table folded."""
     parts = []
     for name in experiment.heldout_sets():
         results = experiment.heldout(name)
         if not os.path.exists(results.table_json):
             continue
-        rows = results.read_table()
-        header = "".join(f"<th>{html.escape(column)}</th>" for column in rows[0])
-        body = []
-        for row in rows:
-            cells = [
-                f"<td>{score_text(value, signed=column.endswith(' - base'))}</td>"
-                if isinstance(value, float)
-                else f"<td>{html.escape(str(value))}</td>"
-                for column, value in row.items()
-            ]
-            body.append("<tr>" + "".join(cells) + "</tr>")
-        parts.append(f"<h3>{html.escape(name)}</h3><table><tr>{header}</tr>\n" + "\n".join(body) + "</table>")
+        rows = results.read_table()  # per prompt, then "all prompts"
+        parts += [
+            f"<h3>{html.escape(name)}</h3>",
+            table_html(rows[-1:]),
+            f"<details><summary>per prompt ({len(rows) - 1} prompts)</summary>{table_html(rows[:-1])}</details>",
+        ]
     return "\n".join(parts)
 
 
