@@ -226,17 +226,16 @@ def fuse_epoch(config, models, epoch_dir, epoch, samples, scores, negative_embed
     """
     pairs = pair_samples(samples, scores, config.sample.batch_size * config.sample.num_batches_per_epoch)
     pair_indices = [(p.base, p.reference) for p in pairs]
-    published_map = epoch_dir.read_injected_map()
-    if published_map and published_map != pair_indices:
+    target_prompts = [samples[p.base] for p in pairs]
+    published = epoch_dir.injected.published_prompts()
+    if published != target_prompts[: len(published)]:
+        raise UserError(f"{epoch_dir.injected.prompts_file} lists other prompts than this run's targets")
+    if epoch_dir.read_injected_map()[: len(published)] != pair_indices[: len(published)]:
         raise UserError(
             f"{epoch_dir.injected_map_file} pairs other samples than these scores do: the scores changed since "
             "the targets were made; move the epoch's injected files aside and rerun"
         )
     epoch_dir.write_injected_map(pair_indices)
-    target_prompts = [samples[p.base] for p in pairs]
-    published = epoch_dir.injected.published_prompts()
-    if published != target_prompts[: len(published)]:
-        raise UserError(f"{epoch_dir.injected.prompts_file} lists other prompts than this run's targets")
     if published:
         log.info("epoch %d: reusing %d published targets", epoch, len(published))
     settings = FusionSettings.from_config(config)

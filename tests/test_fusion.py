@@ -89,22 +89,43 @@ def one_prompt_config(tiny_config):
     tiny_config.item_idx_file = ""
     tiny_config.sample.num_steps = 3
     tiny_config.inject_t = "0-2,0-2,0-2,0-2,0-2,"
-    tiny_config.sample.batch_size = 4
-    tiny_config.sample.num_batches_per_epoch = 2
     return tiny_config
 
 
-def test_fuse_epoch_writes_targets_and_a_rerun_reuses_them(tiny_sd, one_prompt_config, monkeypatch):
+def test_fuse_epoch_writes_targets_survives_a_crash_and_reuses_them(tiny_sd, one_prompt_config, monkeypatch):
+    import shutil
+
     from d_fusion.datadir import ExperimentDir, read_json
 
     config = one_prompt_config
+    config.sample.batch_size = 2  # fusion in two batches of two targets (one reference each)
+    config.sample.num_batches_per_epoch = 4
     samples = [PROMPT] * 8
     objects = check_fusion_inputs(config, [PROMPT])
     epoch_dir = ExperimentDir(config.save_path, config.exp_name).epoch(0)
     negative = encode_prompts(tiny_sd, [""])
     sample_epoch(config, tiny_sd, epoch_dir, 0, samples, negative)
+    whole = ExperimentDir(config.save_path, "whole").epoch(0)
+    shutil.copytree(epoch_dir.root, whole.root)
     scores = [0.1, 0.9, 0.5, 0.3, 0.8, 0.2, 0.4, 0.7]  # references 1, 4; bases 6, 3, 5, 0
+
+    # a crash in the second batch keeps the first; the rerun makes only the second
+    calls, sampling = [], fusion.fused_sampling
+
+    def crash_on_second_batch(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return sampling(*args)
+
+    monkeypatch.setattr(fusion, "fused_sampling", crash_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        fuse_epoch(config, tiny_sd, epoch_dir, 0, samples, scores, negative, objects)
+    assert epoch_dir.injected.published_prompts() == [PROMPT] * 2
     pairs = fuse_epoch(config, tiny_sd, epoch_dir, 0, samples, scores, negative, objects)
+    assert len(calls) == 3
+    monkeypatch.setattr(fusion, "fused_sampling", sampling)
+    fuse_epoch(config, tiny_sd, whole, 0, samples, scores, negative, objects)
 
     assert [(p.reference, p.base) for p in pairs] == [(1, 6), (1, 3), (4, 5), (4, 0)]
     assert epoch_dir.read_injected_map() == [(6, 1), (3, 1), (5, 4), (0, 4)]
@@ -114,6 +135,7 @@ def test_fuse_epoch_writes_targets_and_a_rerun_reuses_them(tiny_sd, one_prompt_c
         base = epoch_dir.load_trajectory(pair.base)
         assert target["latents"].shape == base["latents"].shape and target["log_probs"].shape == (3,)
         assert torch.equal(target["latents"][0], base["latents"][0])  # the base's x_T
+        assert torch.equal(target["latents"], whole.load_injected_trajectory(pair.target)["latents"])
         assert os.path.isfile(epoch_dir.injected.image_path(pair.target))
         with open(epoch_dir.reference_image_path(pair.target), "rb") as f, open(epoch_dir.image_path(pair.reference), "rb") as g:
             assert f.read() == g.read()
@@ -136,7 +158,7 @@ def test_start_up_checks(one_prompt_config):
     config.sample.batch_size = 3
     with pytest.raises(UserError, match="multiple of 4"):
         check_fusion_inputs(config, [PROMPT])
-    config.sample.batch_size = 2
+    config.sample.batch_size = 4
     config.fusion.mask_images = "some"
     with pytest.raises(UserError, match="mask_images"):
         check_fusion_inputs(config, [PROMPT])
