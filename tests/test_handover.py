@@ -76,27 +76,25 @@ def test_sampler_and_scorer_processes_hand_over_survive_kills_and_reuse_work(tin
         "--config.eval.poll_interval", "0.2",
     ]  # fmt: skip
     sampler_options = common + ["--config.eval.inline=False", "--config.eval.no_scorer_timeout", "1"]
-    sampler_options += ["--config.train.num_epochs", "1"]
-    scorer_options = common + ["--config.eval.batch_size", "2"]
+    sampler_options += ["--config.train.num_epochs", "1", "--config.use_lora=False"]  # no training: not tested here
     sampled = ExperimentDir(save_path, "handover").epoch(0).sampled
 
-    # 1. the sampler publishes its images, waits for a scorer, says how to start one, and is killed
+    # 1. a slow scorer (one image, then a 2 s pause) is killed in the middle of the epoch, after the
+    #    sampler has published every image; the sampler waits, says how to start a scorer, and is killed
     sampler = start("run_sample.py", sampler_options, "sampler1")
+    slow = ["--config.eval.batch_size", "1", "--config.eval.debug_batch_delay", "2"]
+    scorer = start("run_eval.py", common + slow, "scorer1")
+    scorer.wait_until(lambda: count(sampled.published_prompts) == NUM_IMAGES and count(sampled.read_scores) >= 1)
+    scorer.stop(signal.SIGKILL)
+    killed_at = len(sampled.read_scores())
+    assert 1 <= killed_at < NUM_IMAGES
     sampler.wait_until(lambda: "--config.eval.inline=True" in sampler.log())
-    assert count(sampled.published_prompts) == NUM_IMAGES
     assert "run_eval.py --config.exp_name handover" in sampler.log()
     sampler.stop(signal.SIGKILL)
     published = {path: os.stat(path).st_mtime_ns for path in map(sampled.image_path, range(NUM_IMAGES))}
 
-    # 2. a slow scorer is killed in the middle of the epoch
-    scorer = start("run_eval.py", scorer_options + ["--config.eval.debug_batch_delay", "1"], "scorer1")
-    scorer.wait_until(lambda: count(sampled.read_scores) >= 4)
-    scorer.stop(signal.SIGKILL)
-    killed_at = len(sampled.read_scores())
-    assert 4 <= killed_at < NUM_IMAGES
-
-    # 3. both restarted: the sampler reuses its samples, the scorer goes on from its last saved batch
-    scorer = start("run_eval.py", scorer_options, "scorer2")
+    # 2. both restarted: the sampler reuses its samples, the scorer goes on from its last saved batch
+    scorer = start("run_eval.py", common + ["--config.eval.batch_size", "2"], "scorer2")
     sampler = start("run_sample.py", sampler_options, "sampler2")
     sampler.wait()
     assert f"reusing {NUM_IMAGES} published samples" in sampler.log()
@@ -106,6 +104,8 @@ def test_sampler_and_scorer_processes_hand_over_survive_kills_and_reuse_work(tin
     assert "Traceback" not in scorer.log()
     assert f"epoch 0 images: scored {killed_at}-" in scorer.log()
     assert "epoch 0 images: scored 0-" not in scorer.log()
+    injected = ExperimentDir(save_path, "handover").epoch(0).injected  # the targets were handed over too
+    assert 0 < len(injected.read_scores()) == len(injected.published_prompts())
 
     # the scores equal an uninterrupted in-process scoring of the same images
     scores = sampled.read_scores()
