@@ -9,7 +9,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from d_fusion.errors import UserError
-from d_fusion.scoring import load_scorer
+from d_fusion.scoring import load_scorer, load_scorer_from_config
 from d_fusion.tiny import TINY_CLIP
 
 PROMPTS = ["a cat playing chess", "a dog driving a car", "a horse playing basketball"]
@@ -63,3 +63,13 @@ def test_architecture_name_with_checkpoint_file_loads_the_same_weights(clip_dir,
 def test_unloadable_scorer_is_a_user_error(model, pretrained):
     with pytest.raises(UserError, match="config.eval.model"):
         load_scorer(model, pretrained)
+
+
+def test_tiny_config_builds_a_missing_scorer_on_first_use(tiny_config, clip_dir, images, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    os.symlink(os.path.join(os.path.dirname(clip_dir), "sd"), cache / "sd")  # an older cache: no clip/ yet
+    tiny_config.eval.model = str(cache / "clip")
+    scorer = load_scorer_from_config(tiny_config)
+    assert sorted(os.listdir(cache / "clip")) == ["open_clip_config.json", "open_clip_model.safetensors"]
+    assert scorer.score(images, PROMPTS) == pytest.approx(load_scorer(clip_dir).score(images, PROMPTS), abs=1e-6)
