@@ -205,7 +205,8 @@ def draw_epoch_grid(report, view, overlays, size):
     path = report.epoch_grid(view.epoch)
     pictures = [row_pictures(view, row, overlays) for row in view.rows]
     folder = view.folder
-    inputs = [folder.injected_map_file, folder.sampled.scores_file, folder.injected.scores_file]
+    # the manifests too: a target published now may have its PNG from before the last drawing
+    inputs = [folder.injected_map_file, folder.injected.prompts_file, folder.sampled.scores_file, folder.injected.scores_file]
     if stale(path, inputs + [p for row in pictures for p in row if p]):
         grid = draw_grid(pictures, [row_caption(row) for row in view.rows], size)
         write_image(path, np.asarray(grid))
@@ -461,5 +462,9 @@ def run_report(config):
 
 def update_report(config, experiment):
     """The sampler's hook, after each epoch and at the end: rebuild the report when `report.each_epoch`."""
-    if config.report.each_epoch:
+    if not config.report.each_epoch:
+        return
+    try:
         log.info("report: %s", build_report(experiment, config.report.thumbnail))
+    except (UserError, OSError) as error:  # the run goes on; run_report.py shows the problem again
+        log.warning("could not update the report: %s", error)

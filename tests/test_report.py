@@ -3,6 +3,7 @@
 import os
 import shutil
 import subprocess
+import time
 from html.parser import HTMLParser
 
 import numpy as np
@@ -172,8 +173,23 @@ def test_rerun_redraws_only_what_changed(run):
     page_of(run)
     assert report_pictures(run) == before
 
-    # epoch 1's fusion and scoring go on; epoch 0 and the training curve stay as they were
+    # epoch 1's third target (no masks: no overlay): its PNG was on disk before the last drawing,
+    # its publication comes after
     epoch_dir = run.epoch(1)
+    _, reference = epoch_dir.read_injected_map()[2]
+    for steps in epoch_dir.saved_masks(reference).values():
+        for path in steps.values():
+            os.remove(path)
+    write_image(epoch_dir.injected.image_path(2), picture(np.random.default_rng(2)))
+    epoch_dir.injected.write_scores(epoch_dir.injected.read_scores())  # the grid is redrawn after the PNG
+    page_of(run)
+    drawn = report_pictures(run)["epoch1/grid.png"]
+    time.sleep(0.01)
+    epoch_dir.injected.publish(epoch_dir.injected.published_prompts() + [epoch_dir.published_prompts()[4]])
+    page_of(run)
+    assert report_pictures(run)["epoch1/grid.png"] > drawn > before["epoch1/grid.png"]
+
+    # epoch 1's fusion and scoring go on; epoch 0 and the training curve stay as they were
     prompts, scores = epoch_dir.published_prompts(), epoch_dir.sampled.read_scores()
     fuse(epoch_dir, np.random.default_rng(1), prompts, scores, published=4, scored=4)
     page = page_of(run)
