@@ -55,10 +55,16 @@ def load_scorer(model, pretrained="", dev_id=0):
     device = resolve_device(dev_id)
     name = open_clip_name(model)
     schema, _ = open_clip.factory.parse_model_name(name)
+    if not schema and not pretrained:
+        raise UserError(
+            f"config.eval.pretrained is empty, so the CLIP scorer {model!r} would score with random weights: pass "
+            "a pretrained tag (laion2B-s32B-b79K for ViT-H-14) or a checkpoint file, or an open_clip folder as "
+            "config.eval.model"
+        )
     logging.disable(logging.INFO)  # open_clip logs every loading step on the root logger
     try:
         clip, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=None if schema else (pretrained or None), device=device
+            name, pretrained=None if schema else pretrained, device=device, require_pretrained=True
         )
         tokenizer = open_clip.get_tokenizer(name)
     except (RuntimeError, ValueError, OSError) as error:

@@ -59,8 +59,15 @@ def test_architecture_name_with_checkpoint_file_loads_the_same_weights(clip_dir,
     assert from_file.score(images, PROMPTS) == pytest.approx(from_folder.score(images, PROMPTS), abs=1e-6)
 
 
-@pytest.mark.parametrize("model, pretrained", [("no/such/folder", ""), ("ViT-H-14", "no-such-tag")])
-def test_unloadable_scorer_is_a_user_error(model, pretrained):
+@pytest.mark.parametrize(
+    "model, pretrained",
+    [("no/such/folder", "x"), ("ViT-H-14", "no-such-tag"), ("ViT-H-14", ""), ("folder without weights", "")],
+)
+def test_unloadable_or_weightless_scorer_is_a_user_error(model, pretrained, clip_dir, tmp_path):
+    if model == "folder without weights":
+        model = str(tmp_path)
+        with open(os.path.join(clip_dir, "open_clip_config.json")) as f:
+            (tmp_path / "open_clip_config.json").write_text(f.read())
     with pytest.raises(UserError, match="config.eval.model"):
         load_scorer(model, pretrained)
 
