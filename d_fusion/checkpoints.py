@@ -1,4 +1,8 @@
-"""Checkpoints of training (SPEC section 7): save every `train.save_interval` epochs, resume exactly.
+"""Checkpoints of training (SPEC section 7): kept every `train.save_interval` epochs, resume exactly.
+
+Every epoch ends with a checkpoint, so a crash loses at most the unfinished epoch; one that is not
+due by `save_interval` is deleted when the next epoch's is written. At most `num_checkpoint_limit`
+due checkpoints are kept (the oldest go).
 
 A checkpoint holds the UNet's LoRA weights in the format `StableDiffusionPipeline.load_lora_weights`
 reads, the optimizer's state, the gradient scaler's state (fp16) and the global RNG states. The
@@ -113,15 +117,23 @@ def save_checkpoint(trainer, experiment, epoch):
             ),
         )
     log.info("epoch %d: checkpoint %s", epoch, checkpoint.root)
-    prune_checkpoints(experiment.checkpoints, trainer.config.train.num_checkpoint_limit)
     return checkpoint
 
 
-def prune_checkpoints(folder, limit):
-    """Delete the oldest checkpoints beyond the newest `limit`."""
-    found = checkpoints_in(folder)
-    for old in found[: max(0, len(found) - limit)]:
+def keep_checkpoints(config, experiment, epoch):
+    """After epoch `epoch`'s checkpoint: drop earlier ones not due, and due ones beyond the limit."""
+    earlier = [c for c in checkpoints_in(experiment.checkpoints) if c.epoch < epoch]
+    due = [c for c in earlier if checkpoint_due(config, c.epoch)]
+    not_due = [c for c in earlier if not checkpoint_due(config, c.epoch)]
+    room = config.train.num_checkpoint_limit - checkpoint_due(config, epoch)
+    for old in not_due + due[: max(0, len(due) - room)]:
         shutil.rmtree(old.root)
+
+
+def save_epoch_checkpoint(trainer, experiment, epoch):
+    checkpoint = save_checkpoint(trainer, experiment, epoch)
+    keep_checkpoints(trainer.config, experiment, epoch)
+    return checkpoint
 
 
 def find_checkpoint(resume_from):

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 
-from d_fusion.checkpoints import checkpoint_due, resume, save_checkpoint
+from d_fusion.checkpoints import resume, save_epoch_checkpoint
 from d_fusion.datadir import checkpoints_in
 from d_fusion.ddim import ddim_step_with_logprob
 from d_fusion.errors import UserError
@@ -429,7 +429,7 @@ class TrainingStage:
         self.tensorboard = tensorboard_writer(config, experiment)
 
     def train_epoch(self, epoch):
-        """Train on the epoch's pairs (DPO) or scored samples (DDPO), record the metrics, checkpoint when due."""
+        """Train on the epoch's pairs (DPO) or scored samples (DDPO), record the metrics, checkpoint."""
         epoch_dir, trainer = self.experiment.epoch(epoch), self.trainer
         if self.config.train.algorithm == "dpo":
             metrics = trainer.train_pairs(load_pairs(trainer.models, epoch_dir), epoch)
@@ -445,6 +445,5 @@ class TrainingStage:
                 if name != "epoch" and value is not None:
                     self.tensorboard.add_scalar(f"train/{name}", value, epoch)
             self.tensorboard.flush()
-        if checkpoint_due(self.config, epoch):
-            save_checkpoint(trainer, self.experiment, epoch)
+        save_epoch_checkpoint(trainer, self.experiment, epoch)
         return metrics

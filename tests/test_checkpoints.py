@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from d_fusion.checkpoints import checkpoint_due, find_checkpoint, resume, save_checkpoint
+from d_fusion.checkpoints import checkpoint_due, find_checkpoint, resume, save_checkpoint, save_epoch_checkpoint
 from d_fusion.datadir import ExperimentDir, checkpoints_in
 from d_fusion.errors import UserError
 from d_fusion.models import load_models
@@ -83,15 +83,18 @@ def test_save_interval_limit_and_bad_resume(config):
     assert [e for e in range(5) if checkpoint_due(config, e)] == [1, 3, 4]
     experiment = ExperimentDir(config.save_path, config.exp_name)
     trainer = new_trainer(config)
-    for epoch in range(3):
-        save_checkpoint(trainer, experiment, epoch)
-    assert [c.epoch for c in checkpoints_in(experiment.checkpoints)] == [1, 2]
+    kept = []
+    for epoch in range(5):
+        save_epoch_checkpoint(trainer, experiment, epoch)
+        kept.append([c.epoch for c in checkpoints_in(experiment.checkpoints)])
+    # every epoch's checkpoint lives until the next one; due ones (1, 3, 4) stay, at most 2 of them
+    assert kept == [[0], [1], [1, 2], [1, 3], [3, 4]]
     assert not any(name.startswith(".tmp") for name in os.listdir(experiment.checkpoints))
 
     config.resume_from = config.save_path
     with pytest.raises(UserError, match="resume_from"):
         resume(trainer, config)
-    config.resume_from = experiment.checkpoint(2).root
+    config.resume_from = experiment.checkpoint(4).root
     config.train.lora_rank = 8
     with pytest.raises(UserError, match="rank"):
         resume(trainer, config)
