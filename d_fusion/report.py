@@ -206,7 +206,8 @@ def draw_epoch_grid(report, view, overlays, size):
     pictures = [row_pictures(view, row, overlays) for row in view.rows]
     folder = view.folder
     # the manifests too: a target published now may have its PNG from before the last drawing
-    inputs = [folder.injected_map_file, folder.injected.prompts_file, folder.sampled.scores_file, folder.injected.scores_file]
+    inputs = [folder.injected_map_file, folder.injected.prompts_file]
+    inputs += [folder.sampled.scores_file, folder.injected.scores_file]
     if stale(path, inputs + [p for row in pictures for p in row if p]):
         grid = draw_grid(pictures, [row_caption(row) for row in view.rows], size)
         write_image(path, np.asarray(grid))
@@ -257,7 +258,8 @@ def heldout_curve(means):
         return None
     figure, (axis,) = _figure(1)
     for prompt_set, models in means.items():
-        points = sorted((checkpoint_epoch(name), mean) for name, mean in models.items() if checkpoint_epoch(name) is not None)
+        epochs = {name: checkpoint_epoch(name) for name in models}
+        points = sorted((epochs[name], mean) for name, mean in models.items() if epochs[name] is not None)
         line = axis.plot(*zip(*points), marker="o", label=prompt_set) if points else None
         if "base" in models:
             colour = line[0].get_color() if line else None
@@ -324,7 +326,9 @@ def target_row_html(view, row, overlays, root):
         f"<td>{row.target}</td><td>{html.escape(row.prompt)}</td>",
         _picture(_src(reference, root), _score_cell(row.reference_score, view.epoch, "images", row.reference)),
         _picture(_src(base, root), _score_cell(row.base_score, view.epoch, "images", row.base)),
-        _picture(target and _src(target, root), _score_cell(row.target_score, view.epoch, "injected_images", row.target)),
+        _picture(
+            target and _src(target, root), _score_cell(row.target_score, view.epoch, "injected_images", row.target)
+        ),
         _picture(overlay and _src(overlay, root, versioned=True)),
         f'<td class="delta">{_score_cell(row.delta, view.epoch, "delta", row.target, signed=True)}</td>',
     ]
@@ -334,8 +338,8 @@ def target_row_html(view, row, overlays, root):
 def samples_html(view, root):
     """Before fusion: the published samples with their scores so far."""
     cells = [
-        f'<figure><img loading="lazy" src="{_src(view.folder.image_path(i), root)}">'
-        f"<figcaption>{i}: {html.escape(prompt)}<br>{_score_cell(_at(view.scores, i), view.epoch, 'images', i)}</figcaption></figure>"
+        f'<figure><img loading="lazy" src="{_src(view.folder.image_path(i), root)}"><figcaption>{i}: '
+        f"{html.escape(prompt)}<br>{_score_cell(_at(view.scores, i), view.epoch, 'images', i)}</figcaption></figure>"
         for i, prompt in enumerate(view.prompts)
     ]
     return '<div class="samples">' + "".join(cells) + "</div>"

@@ -75,7 +75,8 @@ def test_checkpoints_are_scored_against_base_on_the_same_seeds(config, fresh_tin
     for name, model_scores in scores.items():
         assert by_prompt[PROMPTS[0]][name] == pytest.approx(np.mean(model_scores[:2]))
         assert by_prompt[PROMPTS[1]][name] == pytest.approx(np.mean(model_scores[2:]))
-        assert by_prompt["all prompts"][name] == pytest.approx(json.load(open(results.model(name).images.scores_file))["mean"])
+        with open(results.model(name).images.scores_file) as f:
+            assert by_prompt["all prompts"][name] == pytest.approx(json.load(f)["mean"])
     assert by_prompt["all prompts"]["checkpoint_0 - base"] == 0
     delta = np.mean(scores["checkpoint_1"]) - np.mean(scores["base"])
     assert by_prompt["all prompts"]["checkpoint_1 - base"] == pytest.approx(delta)
