@@ -9,6 +9,7 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
+from d_fusion.attention import attention_layers
 from d_fusion.datadir import ExperimentDir, write_image
 from d_fusion.errors import UserError
 from d_fusion.evaluator import ScoreCollector
@@ -75,6 +76,7 @@ def run_experiment(config):
     log.info("experiment %s: %d prompts, %d samples per epoch", experiment.root, len(prompts), len(samples))
 
     models = load_models_from_config(config)
+    attention_layers(models.unet, config.fusion.mask_resolution)  # a mask grid the UNet lacks fails here
     negative_embeds = encode_prompts(models, [""])
     scores = ScoreCollector(config, experiment)
     # LoRA on models.unet in place (the next epoch samples from it), optimizer, resume_from
