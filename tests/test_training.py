@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from d_fusion.errors import UserError
-from d_fusion.sampling import encode_prompts, sample_generators, sample_trajectories
+from d_fusion.sampling import encode_prompts, guided_noise, sample_generators, sample_trajectories
 from d_fusion.training import (
     PreferencePairs,
     ScoredSamples,
     Trainer,
+    add_lora,
     dpo_loss,
     per_prompt_advantages,
     ppo_loss,
@@ -139,3 +140,23 @@ def test_8bit_adam_without_bitsandbytes_says_so(fresh_tiny_sd, tiny_config):
     tiny_config.train.use_8bit_adam = True
     with pytest.raises(UserError, match="bitsandbytes"):
         Trainer(tiny_config, fresh_tiny_sd)
+
+
+def test_gradient_checkpointing_gives_the_same_lora_gradients(fresh_tiny_sd):
+    unet = fresh_tiny_sd.unet
+    params = add_lora(unet, rank=4)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.01)  # B != 0: gradients reach every LoRA matrix
+    embeds, negative = encode_prompts(fresh_tiny_sd, ["a cat"]), encode_prompts(fresh_tiny_sd, [""])
+    latents = torch.randn(1, *fresh_tiny_sd.latent_shape, generator=torch.Generator().manual_seed(0))
+    gradients = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        for p in params:
+            p.grad = None
+        guided_noise(unet, latents, 500, embeds, negative, 5.0).square().mean().backward()
+        gradients.append(torch.cat([p.grad.flatten() for p in params]))
+    assert gradients[0].abs().max() > 0
+    torch.testing.assert_close(gradients[1], gradients[0], atol=1e-6, rtol=1e-5)
