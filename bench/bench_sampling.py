@@ -12,8 +12,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusers import DDIMScheduler, StableDiffusionPipeline  # noqa: E402
-
 from bench.common import alternate, build_models, parse_args  # noqa: E402
 from d_fusion.sampling import encode_prompts, sample_generators, sample_trajectories  # noqa: E402
 
@@ -23,17 +21,7 @@ PROMPT = "a cat playing chess"
 def main():
     args = parse_args(__doc__, batch=(int, 4, "images per batch"), steps=(int, 20, "DDIM steps"))
     models = build_models(args.size, args.device, args.torch_dtype)
-    pipeline = StableDiffusionPipeline(
-        vae=models.vae,
-        text_encoder=models.text_encoder,
-        tokenizer=models.tokenizer,
-        unet=models.unet,
-        scheduler=DDIMScheduler.from_config(models.scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline = models.pipeline()
     indices = range(args.batch)
 
     def ours():

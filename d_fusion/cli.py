@@ -2,7 +2,7 @@
 
 import sys
 
-from absl import app, flags
+from absl import app
 from ml_collections import config_flags
 
 from d_fusion.errors import UserError
@@ -14,8 +14,12 @@ def main(run):
     """Run `run(config)` as an absl program: bad input prints one line, Ctrl-C exits quietly."""
 
     def entry(argv):
-        del argv
         try:
+            if len(argv) > 1:
+                raise UserError(
+                    f"unexpected argument(s) {' '.join(argv[1:])}: a boolean option takes its value after "
+                    "'=', e.g. --config.eval.inline=False (a bare --config.eval.inline means True)"
+                )
             run(_CONFIG.value)
         except UserError as error:
             print(f"error: {error}", file=sys.stderr)

@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from d_fusion.errors import UserError
@@ -38,6 +38,21 @@ class StableDiffusion:
     @property
     def resolution(self):
         return self.unet.config.sample_size * self.vae_scale_factor
+
+    def pipeline(self):
+        """diffusers' StableDiffusionPipeline on these very parts (with its own DDIM scheduler)."""
+        pipeline = StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=DDIMScheduler.from_config(self.scheduler.config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
 
 
 def resolve_device(dev_id):

@@ -34,3 +34,13 @@ def test_bad_model_path_is_one_line_on_the_command_line(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "error: config.pretrained.model" in result.stderr and "no such folder" in result.stderr
+
+
+def test_a_stray_word_after_a_boolean_flag_is_an_error_not_ignored(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "run_sample.py", "--config", "config/config.py:tiny", "--config.exp_name", "x",
+         "--config.save_path", str(tmp_path), "--config.eval.inline", "False"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "unexpected argument(s) False" in result.stderr and "--config.eval.inline=False" in result.stderr

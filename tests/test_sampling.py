@@ -1,7 +1,6 @@
 """The trajectory sampler: equal to diffusers' pipeline, and exactly regenerable per sample."""
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from d_fusion.sampling import encode_prompts, sample_generators, sample_seed, sample_trajectories
 
@@ -56,18 +55,7 @@ def test_a_sample_regenerates_alone_and_in_any_batch(tiny_sd):
 
 
 def test_final_latents_equal_diffusers_pipeline(tiny_sd, tiny_dir):
-    pipeline = StableDiffusionPipeline(
-        vae=tiny_sd.vae,
-        text_encoder=tiny_sd.text_encoder,
-        tokenizer=tiny_sd.tokenizer,
-        unet=tiny_sd.unet,
-        scheduler=DDIMScheduler.from_config(tiny_sd.scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    theirs = pipeline(
+    theirs = tiny_sd.pipeline()(
         [PROMPT] * 2,
         num_inference_steps=STEPS,
         guidance_scale=5.0,
