@@ -19,6 +19,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+from d_fusion import distributed
 from d_fusion.datadir import CheckpointDir, atomic_folder, checkpoints_in, read_json, read_tensors, write_json, write_tensors
 from d_fusion.errors import UserError
 
@@ -131,6 +132,14 @@ def keep_checkpoints(config, experiment, epoch):
 
 
 def save_epoch_checkpoint(trainer, experiment, epoch):
+    """The main process writes the checkpoint (every process holds the same weights); all wait for it.
+
+    Returns the checkpoint on the main process, None on the others.
+    """
+    return distributed.on_main(_save_and_prune, trainer, experiment, epoch)
+
+
+def _save_and_prune(trainer, experiment, epoch):
     checkpoint = save_checkpoint(trainer, experiment, epoch)
     keep_checkpoints(trainer.config, experiment, epoch)
     return checkpoint

@@ -14,6 +14,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from d_fusion import distributed
 from d_fusion.datadir import ExperimentDir, read_image
 from d_fusion.errors import UserError
 from d_fusion.logs import setup_logging
@@ -59,17 +60,28 @@ def save_scores(experiment, epoch, image_set, scores):
     image_set.write_scores(scores)
 
 
+def score_batch(scorer, image_set, prompts, start, batch_size):
+    """Scores of the listed images start..start + batch_size - 1 (fewer at the end of the list)."""
+    stop = min(start + batch_size, len(prompts))
+    images = [read_image(image_set.image_path(i)) for i in range(start, stop)]
+    return scorer.score(images, prompts[start:stop])
+
+
 def score_new(scorer, experiment, epoch, image_set, batch_size, batch_delay=0.0):
-    """Score the images the set's manifest lists and its scores lack, in index order; returns how many."""
+    """Score the images the set's manifest lists and its scores lack, in index order; returns how many.
+
+    In a run of K processes, process r scores batch r of each round of K batches; the main
+    process saves the round's scores.
+    """
     prompts = image_set.published_prompts()
     scores = saved_scores(image_set, len(prompts))
     first = len(scores)
-    for start in range(first, len(prompts), batch_size):
-        stop = min(start + batch_size, len(prompts))
-        images = [read_image(image_set.image_path(i)) for i in range(start, stop)]
-        scores = scores + scorer.score(images, prompts[start:stop])
-        save_scores(experiment, epoch, image_set, scores)
-        log.info("epoch %d %s: scored %d-%d (%d listed)", epoch, image_set.name, start, stop - 1, len(prompts))
+    for round_starts, start in distributed.rounds(range(first, len(prompts), batch_size)):
+        batch_scores = score_batch(scorer, image_set, prompts, start, batch_size) if start is not None else []
+        scores = scores + [s for part in distributed.gather(batch_scores) for s in part]  # index order
+        distributed.on_main(save_scores, experiment, epoch, image_set, scores)
+        done = len(scores)
+        log.info("epoch %d %s: scored %d-%d (%d listed)", epoch, image_set.name, round_starts[0], done - 1, len(prompts))
         time.sleep(batch_delay)
     return len(prompts) - first
 
@@ -126,12 +138,16 @@ class ScoreCollector:
         return self._scorer
 
     def collect(self, epoch, image_set):
-        """The scores of every image the set has published (list of floats, index order)."""
+        """The scores of every image the set has published (list of floats, index order).
+
+        Inline scoring is split between the processes of an `accelerate launch` run; only the
+        main process waits for run_eval.py, and sends the scores to the others.
+        """
         ev = self.config.eval
         count = len(image_set.published_prompts())
         if ev.inline and len(saved_scores(image_set, count)) < count:
             score_new(self.scorer(), self.experiment, epoch, image_set, ev.batch_size, ev.debug_batch_delay)
-        return self.wait(epoch, image_set, count)
+        return distributed.from_main(self.wait, epoch, image_set, count)
 
     def wait(self, epoch, image_set, count):
         """Poll the scores file until it holds `count` scores, saying once how to start a scorer if none comes."""

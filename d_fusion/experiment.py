@@ -9,6 +9,7 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
+from d_fusion import distributed
 from d_fusion.attention import attention_layers
 from d_fusion.datadir import ExperimentDir, write_image
 from d_fusion.errors import UserError
@@ -41,35 +42,46 @@ def sample_epoch(config, models, epoch_dir, epoch, samples, negative_embeds):
     first_batch = len(published) // batch_size
     if first_batch:
         log.info("epoch %d: reusing %d published samples", epoch, first_batch * batch_size)
-    for start in tqdm(
-        range(first_batch * batch_size, num_samples, batch_size), desc=f"epoch {epoch} sampling", unit="batch"
+    starts = range(first_batch * batch_size, num_samples, batch_size)
+    # with K processes, process r samples batch r of each round of K; the main process publishes the round
+    for round_starts, start in tqdm(
+        distributed.rounds(starts), desc=f"epoch {epoch} sampling", unit="round", disable=not distributed.is_main()
     ):
-        indices = range(start, start + batch_size)
-        prompt_embeds = encode_prompts(models, [samples[start]]).expand(batch_size, -1, -1)
-        trajectories = sample_trajectories(
-            models,
-            prompt_embeds,
-            negative_embeds.expand(batch_size, -1, -1),
-            sample_generators(config.seed, epoch, num_samples, indices),
-            config.sample.num_steps,
-            config.sample.eta,
-            config.sample.guidance_scale,
-            config.sample.cfg,
-        )
-        images = decode_images(models, trajectories.latents[:, -1])
-        for row, index in enumerate(indices):
-            write_image(epoch_dir.image_path(index), images[row])
-            epoch_dir.save_trajectory(
-                index, trajectories.latents[row], trajectories.log_probs[row], trajectories.timesteps
-            )
-        epoch_dir.publish_samples(samples[: start + batch_size])
+        if start is not None:
+            sample_batch(config, models, epoch_dir, epoch, samples, negative_embeds, start)
+        distributed.on_main(epoch_dir.publish_samples, samples[: round_starts[-1] + batch_size])
     return num_samples
+
+
+def sample_batch(config, models, epoch_dir, epoch, samples, negative_embeds, start):
+    """Sample the batch of samples start.. (one prompt) and write its images and trajectories."""
+    batch_size = config.sample.batch_size
+    indices = range(start, start + batch_size)
+    prompt_embeds = encode_prompts(models, [samples[start]]).expand(batch_size, -1, -1)
+    trajectories = sample_trajectories(
+        models,
+        prompt_embeds,
+        negative_embeds.expand(batch_size, -1, -1),
+        sample_generators(config.seed, epoch, len(samples), indices),
+        config.sample.num_steps,
+        config.sample.eta,
+        config.sample.guidance_scale,
+        config.sample.cfg,
+        progress=distributed.is_main(),
+    )
+    images = decode_images(models, trajectories.latents[:, -1])
+    for row, index in enumerate(indices):
+        write_image(epoch_dir.image_path(index), images[row])
+        epoch_dir.save_trajectory(index, trajectories.latents[row], trajectories.log_probs[row], trajectories.timesteps)
 
 
 def run_experiment(config):
     set_threads(config.threads)
     experiment = ExperimentDir(config.save_path, config.exp_name)
-    setup_logging(experiment.log_file)
+    if distributed.is_main():
+        setup_logging(experiment.log_file)
+    else:  # the other processes of an `accelerate launch` run: warnings only, on the terminal
+        setup_logging(level=logging.WARNING)
     prompts = load_prompts(config)
     objects = check_fusion_inputs(config, prompts)  # bad fusion inputs fail here, before any work
     samples = epoch_samples(prompts, config.sample.batch_size, config.sample.num_batches_per_epoch)
@@ -84,8 +96,9 @@ def run_experiment(config):
     if training is None:
         log.warning("config.use_lora is False: no training, every epoch samples from the pretrained UNet")
     first_epoch = training.first_epoch if training else config.train.begin_epoch
-    experiment.clear_finished()
-    for epoch in tqdm(range(first_epoch, config.train.num_epochs), desc="epoch", unit="epoch"):
+    distributed.on_main(experiment.clear_finished)
+    epochs = range(first_epoch, config.train.num_epochs)
+    for epoch in tqdm(epochs, desc="epoch", unit="epoch", disable=not distributed.is_main()):
         epoch_dir = experiment.epoch(epoch)
         sample_epoch(config, models, epoch_dir, epoch, samples, negative_embeds)
         image_scores = scores.collect(epoch, epoch_dir.sampled)
@@ -93,6 +106,6 @@ def run_experiment(config):
         scores.collect(epoch, epoch_dir.injected)
         if training:
             training.train_epoch(epoch)
-        update_report(config, experiment)
-    experiment.mark_finished(config.train.num_epochs)
-    update_report(config, experiment)
+        distributed.on_main(update_report, config, experiment)
+    distributed.on_main(experiment.mark_finished, config.train.num_epochs)
+    distributed.on_main(update_report, config, experiment)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from d_fusion import distributed
 from d_fusion.attention import Fuse, Record, fusion_processors
 from d_fusion.datadir import copy_file, write_image
 from d_fusion.ddim import ddim_step_with_logprob
@@ -235,13 +236,21 @@ def fuse_epoch(config, models, epoch_dir, epoch, samples, scores, negative_embed
             f"{epoch_dir.injected_map_file} pairs other samples than these scores do: the scores changed since "
             "the targets were made; move the epoch's injected files aside and rerun"
         )
-    epoch_dir.write_injected_map(pair_indices)
+    distributed.on_main(epoch_dir.write_injected_map, pair_indices)
     if published:
         log.info("epoch %d: reusing %d published targets", epoch, len(published))
     settings = FusionSettings.from_config(config)
     chunk = 2 * max(1, config.sample.batch_size // 2)  # whole references: each guides two targets in a row
-    for start in tqdm(range(len(published), len(pairs), chunk), desc=f"epoch {epoch} fusion", unit="batch"):
-        fuse_pairs(config, models, epoch_dir, epoch, samples, pairs[start : start + chunk], negative_embeds, objects, settings)
-        epoch_dir.injected.publish(target_prompts[: start + chunk])
+    # with K processes, process r fuses chunk r of each round of K; the main process publishes the round
+    for round_starts, start in tqdm(
+        distributed.rounds(range(len(published), len(pairs), chunk)),
+        desc=f"epoch {epoch} fusion",
+        unit="round",
+        disable=not distributed.is_main(),
+    ):
+        if start is not None:
+            chunk_pairs = pairs[start : start + chunk]
+            fuse_pairs(config, models, epoch_dir, epoch, samples, chunk_pairs, negative_embeds, objects, settings)
+        distributed.on_main(epoch_dir.injected.publish, target_prompts[: round_starts[-1] + chunk])
     log.info("epoch %d: %d targets in %s", epoch, len(pairs), epoch_dir.injected.folder)
     return pairs

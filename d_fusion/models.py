@@ -8,6 +8,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from d_fusion import distributed
 from d_fusion.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -126,4 +127,5 @@ def load_models_from_config(config):
         from d_fusion.tiny import build_tiny_models
 
         build_tiny_models(os.path.dirname(config.pretrained.model.rstrip("/")))
-    return load_models(config.pretrained.model, config.pretrained.revision, config.mixed_precision, config.dev_id)
+    dev_id = distributed.device_id(config.dev_id)
+    return load_models(config.pretrained.model, config.pretrained.revision, config.mixed_precision, dev_id)

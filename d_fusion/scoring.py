@@ -11,6 +11,7 @@ import os
 import open_clip
 import torch
 
+from d_fusion import distributed
 from d_fusion.errors import UserError
 from d_fusion.models import resolve_device
 
@@ -84,4 +85,4 @@ def load_scorer_from_config(config):
         from d_fusion.tiny import build_tiny_models
 
         build_tiny_models(os.path.dirname(config.eval.model.rstrip("/")))
-    return load_scorer(config.eval.model, config.eval.pretrained, config.dev_id)
+    return load_scorer(config.eval.model, config.eval.pretrained, distributed.device_id(config.dev_id))

@@ -7,6 +7,11 @@ of a stored transition x_t -> x_{t'} is SPEC section 3's, evaluated at the store
 Optimisation: each pair (DPO) or sample (DDPO) contributes a random subset of its steps;
 `train.batch_size * train.gradient_accumulation_steps` of them, one after another, make one
 optimizer step (the loss is the mean over their timesteps). `num_inner_epochs` reshuffled passes.
+
+Data-parallel (`accelerate launch --num_processes K`): `train.batch_size` is per process, so a step
+takes K times as many items; each process takes its share of them, and the LoRA gradients are
+summed over the processes before the step, so every process takes the same step and keeps the
+same weights. Every process draws the same shuffles and timesteps from the same generator.
 """
 
 import contextlib
@@ -20,6 +25,7 @@ from accelerate import Accelerator
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 
+from d_fusion import distributed
 from d_fusion.checkpoints import resume, save_epoch_checkpoint
 from d_fusion.datadir import checkpoints_in
 from d_fusion.ddim import ddim_step_with_logprob
@@ -234,6 +240,16 @@ class MetricsSum:
     def means(self):
         return {name: self.sums[name] / self.counts[name] for name in self.sums}
 
+    @staticmethod
+    def total(parts):
+        """The sums of several MetricsSum (one per process)."""
+        total = MetricsSum()
+        for part in parts:
+            for name in part.sums:
+                total.sums[name] = total.sums.get(name, 0.0) + part.sums[name]
+                total.counts[name] = total.counts.get(name, 0) + part.counts[name]
+        return total
+
 
 class Trainer:
     """The LoRA policy, its optimizer and the accelerator; `train_pairs`/`train_samples` run one epoch."""
@@ -282,11 +298,13 @@ class Trainer:
         metrics = MetricsSum()
         num_steps = self.config.sample.num_steps
         self.policy.set_timesteps(num_steps)
+        group_size = train.batch_size * train.gradient_accumulation_steps * distributed.world_size()
         for _ in range(train.num_inner_epochs):
             order = torch.randperm(num_items, generator=generator)
-            for group in order.split(train.batch_size * train.gradient_accumulation_steps):
-                for item in group.tolist():
-                    steps = train_timesteps(num_steps, train.timestep_fraction, generator)
+            for group in order.split(group_size):
+                # every process draws every item's timesteps (one random stream), then trains on its share
+                item_steps = [(i, train_timesteps(num_steps, train.timestep_fraction, generator)) for i in group.tolist()]
+                for item, steps in distributed.shard(item_steps):
                     for step in steps:
                         with self.accelerator.autocast():
                             loss, stats = timestep_loss(item, step)
@@ -294,9 +312,11 @@ class Trainer:
                         metrics.add("loss", loss)
                         for name, values in stats.items():
                             metrics.add(name, values)
+                distributed.sum_gradients(self.params)  # the group's mean gradient on every process
                 self.accelerator.clip_grad_norm_(self.params, train.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+        metrics = MetricsSum.total(distributed.gather(metrics))
         return metrics.means() | {"lr": self.optimizer.param_groups[0]["lr"]}
 
     def train_pairs(self, pairs, epoch):
@@ -377,9 +397,10 @@ def load_scored_samples(policy, epoch_dir, adv_clip_max):
     samples = stack_trajectories(epoch_dir.load_trajectory, range(len(sample_prompts)))
     targets = stack_trajectories(epoch_dir.load_injected_trajectory, range(len(target_prompts)))
     target_embeds = embed_prompts(policy.models, target_prompts)
-    targets.log_probs = torch.cat(
-        [policy.trajectory_log_probs(targets[i : i + 1], target_embeds[i : i + 1]) for i in range(len(target_prompts))]
-    )
+    # each process recomputes its share of the targets
+    rows = distributed.shard(range(len(target_prompts)))
+    share = [policy.trajectory_log_probs(targets[i : i + 1], target_embeds[i : i + 1]) for i in rows]
+    targets.log_probs = torch.cat([log_probs for part in distributed.gather(share) for log_probs in part])
     prompts = sample_prompts + target_prompts
     scores = complete_scores(epoch_dir.sampled, len(sample_prompts)) + complete_scores(
         epoch_dir.injected, len(target_prompts)
@@ -426,7 +447,7 @@ class TrainingStage:
                 experiment.root,
                 experiment.checkpoints,
             )
-        self.tensorboard = tensorboard_writer(config, experiment)
+        self.tensorboard = tensorboard_writer(config, experiment) if distributed.is_main() else None
 
     def train_epoch(self, epoch):
         """Train on the epoch's pairs (DPO) or scored samples (DDPO), record the metrics, checkpoint."""
@@ -438,12 +459,17 @@ class TrainingStage:
             metrics = trainer.train_samples(samples, epoch)
         metrics = dict(epoch=epoch, **metrics)
         metrics.update(sample_score=mean_score(epoch_dir.sampled), target_score=mean_score(epoch_dir.injected))
+        distributed.on_main(self.record, metrics)
+        save_epoch_checkpoint(trainer, self.experiment, epoch)
+        return metrics
+
+    def record(self, metrics):
+        """metrics.jsonl, the log and tensorboard (the main process's job)."""
         self.experiment.record_metrics(metrics)
-        log.info("epoch %d training: %s", epoch, " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if v is not None))
+        values = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if v is not None)
+        log.info("epoch %d training: %s", metrics["epoch"], values)
         if self.tensorboard is not None:
             for name, value in metrics.items():
                 if name != "epoch" and value is not None:
-                    self.tensorboard.add_scalar(f"train/{name}", value, epoch)
+                    self.tensorboard.add_scalar(f"train/{name}", value, metrics["epoch"])
             self.tensorboard.flush()
-        save_epoch_checkpoint(trainer, self.experiment, epoch)
-        return metrics
