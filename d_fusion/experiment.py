@@ -20,7 +20,7 @@ from d_fusion.models import load_models_from_config
 from d_fusion.prompts import epoch_samples, load_prompts
 from d_fusion.report import update_report
 from d_fusion.sampling import decode_images, encode_prompts, sample_generators, sample_trajectories
-from d_fusion.training import TrainingStage
+from d_fusion.training import TrainingStage, check_training_inputs
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,8 @@ def run_experiment(config):
         setup_logging(level=logging.WARNING)
     prompts = load_prompts(config)
     objects = check_fusion_inputs(config, prompts)  # bad fusion inputs fail here, before any work
+    if config.use_lora:
+        check_training_inputs(config)  # likewise training settings and resume_from
     samples = epoch_samples(prompts, config.sample.batch_size, config.sample.num_batches_per_epoch)
     log.info("experiment %s: %d prompts, %d samples per epoch", experiment.root, len(prompts), len(samples))
 

@@ -15,6 +15,7 @@ same weights. Every process draws the same shuffles and timesteps from the same 
 """
 
 import contextlib
+import importlib
 import logging
 import math
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 
 from d_fusion import distributed
-from d_fusion.checkpoints import resume, save_epoch_checkpoint
+from d_fusion.checkpoints import find_checkpoint, resume, save_epoch_checkpoint
 from d_fusion.datadir import checkpoints_in
 from d_fusion.ddim import ddim_step_with_logprob
 from d_fusion.errors import UserError
@@ -189,17 +190,21 @@ class ScoredSamples:
 # ---------------------------------------------------------------- the trainer
 
 
+def require(package, setting):
+    """The optional `package` that `config.<setting>` asks for, or a UserError saying how to get it."""
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise UserError(
+            f"config.{setting} is set but {package} is not installed: pip install {package}, "
+            f"or set --config.{setting} False"
+        ) from None
+
+
 def make_optimizer(config, params):
     train = config.train
     if train.use_8bit_adam:
-        try:
-            import bitsandbytes
-        except ImportError:
-            raise UserError(
-                "config.train.use_8bit_adam is set but bitsandbytes is not installed: "
-                "pip install bitsandbytes, or set --config.train.use_8bit_adam False"
-            ) from None
-        optimizer_class = bitsandbytes.optim.AdamW8bit
+        optimizer_class = require("bitsandbytes", "train.use_8bit_adam").optim.AdamW8bit
     else:
         optimizer_class = torch.optim.AdamW
     return optimizer_class(
@@ -224,6 +229,17 @@ def check_train_config(config):
         raise UserError("config.train.timestep_fraction leaves no training timestep: raise it (at most 1.0)")
     if train.batch_size < 1 or train.gradient_accumulation_steps < 1 or train.num_inner_epochs < 1:
         raise UserError("config.train.batch_size, gradient_accumulation_steps and num_inner_epochs must be >= 1")
+
+
+def check_training_inputs(config):
+    """Training's start-up checks, before any model loads: settings, optional packages, resume_from."""
+    check_train_config(config)
+    if config.train.use_8bit_adam:
+        require("bitsandbytes", "train.use_8bit_adam")
+    if config.train.tensorboard:
+        require("tensorboard", "train.tensorboard")
+    if config.resume_from:
+        find_checkpoint(config.resume_from)
 
 
 class MetricsSum:
@@ -423,13 +439,9 @@ def mean_score(image_set):
 def tensorboard_writer(config, experiment):
     if not config.train.tensorboard:
         return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise UserError(
-            "config.train.tensorboard is set but tensorboard is not installed: pip install tensorboard, "
-            "or leave it off (the metrics are in metrics.jsonl either way)"
-        ) from None
+    require("tensorboard", "train.tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
     return SummaryWriter(experiment.tensorboard_dir)
 
 

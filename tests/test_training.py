@@ -12,6 +12,7 @@ from d_fusion.training import (
     ScoredSamples,
     Trainer,
     add_lora,
+    check_training_inputs,
     dpo_loss,
     per_prompt_advantages,
     ppo_loss,
@@ -128,6 +129,10 @@ def test_bad_training_config_is_a_user_error(fresh_tiny_sd, tiny_config):
     tiny_config.sample.eta = 0.0
     with pytest.raises(UserError, match="eta"):
         Trainer(tiny_config, fresh_tiny_sd)
+    tiny_config.sample.eta = 1.0
+    tiny_config.resume_from = tiny_config.save_path + "/no-such-checkpoints"
+    with pytest.raises(UserError, match="resume_from"):
+        check_training_inputs(tiny_config)  # at start-up, before the models load
 
 
 def test_8bit_adam_without_bitsandbytes_says_so(fresh_tiny_sd, tiny_config):
