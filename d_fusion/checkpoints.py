@@ -100,7 +100,7 @@ def _set_rng_states(tensors):
 
 
 def save_checkpoint(trainer, experiment, epoch):
-    """Write checkpoints/checkpoint_<epoch>/ whole, then keep the newest `num_checkpoint_limit`."""
+    """Write checkpoints/checkpoint_<epoch>/ whole (a scratch folder renamed into place)."""
     checkpoint = experiment.checkpoint(epoch)
     tensors, saved = _split_optimizer_state(trainer.optimizer.state_dict())
     scaler = trainer.accelerator.scaler
