@@ -34,6 +34,16 @@ def saved_scores(image_set, num_published):
     return scores
 
 
+def published_and_scored(image_set):
+    """(the listed prompts, their saved scores), as the main process reads them: every process of a
+    run must agree on what is left to score even while run_eval.py writes the same files."""
+    def read():
+        prompts = image_set.published_prompts()
+        return prompts, saved_scores(image_set, len(prompts))
+
+    return distributed.from_main(read)
+
+
 def prompt_history(experiment, epoch, scores):
     """Per prompt, the scores of `images/` in every epoch up to `epoch` (whose scores so far are `scores`)."""
     history = {}
@@ -73,8 +83,7 @@ def score_new(scorer, experiment, epoch, image_set, batch_size, batch_delay=0.0)
     In a run of K processes, process r scores batch r of each round of K batches; the main
     process saves the round's scores.
     """
-    prompts = image_set.published_prompts()
-    scores = saved_scores(image_set, len(prompts))
+    prompts, scores = published_and_scored(image_set)
     first = len(scores)
     for round_starts, start in distributed.rounds(range(first, len(prompts), batch_size)):
         batch_scores = score_batch(scorer, image_set, prompts, start, batch_size) if start is not None else []
@@ -144,8 +153,9 @@ class ScoreCollector:
         main process waits for run_eval.py, and sends the scores to the others.
         """
         ev = self.config.eval
-        count = len(image_set.published_prompts())
-        if ev.inline and len(saved_scores(image_set, count)) < count:
+        prompts, scores = published_and_scored(image_set)
+        count = len(prompts)
+        if ev.inline and len(scores) < count:
             score_new(self.scorer(), self.experiment, epoch, image_set, ev.batch_size, ev.debug_batch_delay)
         return distributed.from_main(self.wait, epoch, image_set, count)
 
