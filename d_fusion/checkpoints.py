@@ -51,7 +51,10 @@ def load_lora(unet, path):
     try:
         result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(weights))
     except RuntimeError as error:  # shape mismatch: another rank or model
-        raise UserError(f"LoRA weights {path} do not fit this UNet and train.lora_rank ({error})") from None
+        raise UserError(
+            f"LoRA weights {path} do not fit this UNet and its LoRA rank ({error}): "
+            "was the checkpoint made from another model?"
+        ) from None
     if not weights or result.unexpected_keys:
         raise UserError(f"LoRA weights {path} do not match this UNet's LoRA layers: resume with the same model")
 

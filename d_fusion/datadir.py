@@ -313,7 +313,7 @@ class CheckpointDir:
 
     @property
     def epoch(self):
-        return int(os.path.basename(os.path.normpath(self.root))[len("checkpoint_") :])
+        return checkpoint_epoch(os.path.basename(os.path.normpath(self.root)))
 
     @property
     def lora_weights(self):
@@ -341,8 +341,7 @@ def checkpoints_in(folder):
     """The checkpoint_<k> folders inside `folder`, oldest epoch first."""
     if not os.path.isdir(folder):
         return []
-    names = [n for n in os.listdir(folder) if n.startswith("checkpoint_") and n[len("checkpoint_") :].isdigit()]
-    found = [CheckpointDir(os.path.join(folder, n)) for n in names]
+    found = [CheckpointDir(os.path.join(folder, n)) for n in os.listdir(folder) if checkpoint_epoch(n) is not None]
     return sorted((c for c in found if c.is_checkpoint()), key=lambda c: c.epoch)
 
 
@@ -467,14 +466,11 @@ class ExperimentDir:
 
     def record_metrics(self, metrics):
         """Add the line of metrics["epoch"] to metrics.jsonl, dropping lines of that epoch or later (a rerun)."""
-        lines = []
-        if os.path.exists(self.metrics_file):
-            with open(self.metrics_file) as f:
-                lines = [line for line in f if line.strip() and json.loads(line)["epoch"] < metrics["epoch"]]
+        kept = [line for line in self.read_metrics() if line["epoch"] < metrics["epoch"]]
 
         def write(tmp):
             with open(tmp, "w") as f:
-                f.writelines(lines + [json.dumps(metrics) + "\n"])
+                f.writelines(json.dumps(line) + "\n" for line in kept + [metrics])
 
         _atomic(self.metrics_file, write)
 

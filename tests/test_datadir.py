@@ -1,0 +1,41 @@
+"""The data directory's file formats: atomic writes, and corrupt files named, never overwritten."""
+
+import os
+
+import pytest
+import torch
+
+from d_fusion.datadir import ExperimentDir, read_json, read_tensors, write_json, write_tensors
+from d_fusion.errors import UserError
+
+
+def test_atomic_writes_leave_only_the_finished_file(tmp_path):
+    write_json(str(tmp_path / "a.json"), {"x": 1})
+    write_tensors(str(tmp_path / "t.safetensors"), {"x": torch.ones(2)})
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "t.safetensors"]
+    assert read_json(str(tmp_path / "a.json")) == {"x": 1}
+    assert torch.equal(read_tensors(str(tmp_path / "t.safetensors"))["x"], torch.ones(2))
+
+
+def test_half_written_files_are_named(tmp_path):
+    (tmp_path / "half.json").write_text('{"scores": [0.1, 0.')
+    with pytest.raises(UserError, match="half.json is corrupt"):
+        read_json(str(tmp_path / "half.json"), "scores")
+    (tmp_path / "half.safetensors").write_bytes(b"\x10\x00\x00")
+    with pytest.raises(UserError, match="half.safetensors is unreadable"):
+        read_tensors(str(tmp_path / "half.safetensors"))
+
+
+def test_a_corrupt_metrics_file_stops_training_records_without_losing_it(tmp_path):
+    experiment = ExperimentDir(str(tmp_path), "x")
+    experiment.record_metrics({"epoch": 0, "loss": 0.7})
+    experiment.record_metrics({"epoch": 1, "loss": 0.6})
+    experiment.record_metrics({"epoch": 1, "loss": 0.5})  # a rerun of epoch 1 replaces its line
+    assert [m["loss"] for m in experiment.read_metrics()] == [0.7, 0.5]
+
+    with open(experiment.metrics_file, "a") as f:
+        f.write('{"epoch": 2, "lo')
+    before = open(experiment.metrics_file).read()
+    with pytest.raises(UserError, match="metrics.jsonl is corrupt"):
+        experiment.record_metrics({"epoch": 3, "loss": 0.4})
+    assert open(experiment.metrics_file).read() == before
