@@ -45,8 +45,9 @@ def guided_noise(unet, latents, timestep, prompt_embeds, negative_embeds, guidan
         embeds = torch.cat([negative_embeds, prompt_embeds])
     else:
         model_input, embeds = latents, prompt_embeds
+    input_dtype = unet.conv_in.weight.dtype  # not unet.dtype, which walks every parameter on each call
     output = unet(
-        model_input.to(unet.dtype), timestep, encoder_hidden_states=embeds, cross_attention_kwargs=attention_kwargs
+        model_input.to(input_dtype), timestep, encoder_hidden_states=embeds, cross_attention_kwargs=attention_kwargs
     ).sample.float()
     if not cfg:
         return output
