@@ -81,7 +81,8 @@ def project_config(config):
     config.train.gradient_checkpointing = False  # recompute UNet activations in backward: less memory, slower
     config.train.tensorboard = False  # also log the metrics to data/<exp_name>/tensorboard (needs tensorboard)
     # a checkpoint folder (checkpoints/checkpoint_<k>) or a folder of them (the newest is used): the run
-    # restores LoRA, optimizer and RNG state from it and continues at epoch k + 1
+    # restores LoRA, optimizer and RNG state from it and continues at epoch k + 1. Empty: the
+    # experiment's own newest checkpoint when it has one (a rerun continues), else begin_epoch
     config.resume_from = ""
 
     # --- CLIP scorer (issue 3, SPEC section 5): run_eval.py, or the sampler itself with eval.inline ---

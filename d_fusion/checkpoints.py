@@ -180,10 +180,15 @@ def load_checkpoint(trainer, checkpoint):
     return saved["epoch"]
 
 
-def resume(trainer, config):
-    """The first epoch to run: after the `resume_from` checkpoint when given, else `train.begin_epoch`."""
-    if not config.resume_from:
+def resume(trainer, config, experiment):
+    """The first epoch to run: after the `resume_from` checkpoint when given, else after the
+    experiment's own newest checkpoint (rerunning a stopped run continues it), else `train.begin_epoch`."""
+    resume_from = config.resume_from
+    if not resume_from and checkpoints_in(experiment.checkpoints):
+        resume_from = experiment.checkpoints
+        log.info("%s holds checkpoints: continuing from the newest (use a new exp_name to start afresh)", resume_from)
+    if not resume_from:
         return config.train.begin_epoch
-    if not os.path.exists(config.resume_from):
-        raise UserError(f"config.resume_from = {config.resume_from!r} does not exist")
-    return load_checkpoint(trainer, find_checkpoint(config.resume_from)) + 1
+    if not os.path.exists(resume_from):
+        raise UserError(f"config.resume_from = {resume_from!r} does not exist")
+    return load_checkpoint(trainer, find_checkpoint(resume_from)) + 1

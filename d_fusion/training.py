@@ -28,7 +28,6 @@ from peft import LoraConfig
 
 from d_fusion import distributed
 from d_fusion.checkpoints import find_checkpoint, resume, save_epoch_checkpoint
-from d_fusion.datadir import checkpoints_in
 from d_fusion.ddim import ddim_step_with_logprob
 from d_fusion.errors import UserError
 from d_fusion.sampling import Trajectories, encode_prompts, guided_noise
@@ -451,14 +450,7 @@ class TrainingStage:
     def __init__(self, config, models, experiment):
         self.config, self.experiment = config, experiment
         self.trainer = Trainer(config, models)
-        self.first_epoch = resume(self.trainer, config)
-        if not config.resume_from and checkpoints_in(experiment.checkpoints):
-            log.warning(
-                "%s holds checkpoints but config.resume_from is empty: training starts again from the "
-                "pretrained UNet (pass --config.resume_from %s to continue)",
-                experiment.root,
-                experiment.checkpoints,
-            )
+        self.first_epoch = resume(self.trainer, config, experiment)
         self.tensorboard = tensorboard_writer(config, experiment) if distributed.is_main() else None
 
     def train_epoch(self, epoch):

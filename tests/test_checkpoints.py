@@ -54,10 +54,17 @@ def test_resumed_run_reaches_the_uninterrupted_weights(config):
     assert find_checkpoint(config.resume_from).epoch == 1
     config.resume_from = experiment.checkpoint(0).root
     resumed = new_trainer(config)
-    assert resume(resumed, config) == 1
+    assert resume(resumed, config, experiment) == 1
     resumed.train_pairs(epoch_pairs(resumed.models, 1), 1)
     for a, b in zip(lora_weights(resumed), uninterrupted):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+    config.resume_from = ""  # rerunning the same experiment continues after its newest checkpoint
+    rerun = new_trainer(config)
+    assert resume(rerun, config, experiment) == 2
+    for a, b in zip(lora_weights(rerun), uninterrupted):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert resume(new_trainer(config), config, ExperimentDir(config.save_path, "other")) == config.train.begin_epoch
 
 
 def test_stock_pipeline_loads_the_checkpoint(config):
@@ -93,8 +100,8 @@ def test_save_interval_limit_and_bad_resume(config):
 
     config.resume_from = config.save_path
     with pytest.raises(UserError, match="resume_from"):
-        resume(trainer, config)
+        resume(trainer, config, experiment)
     config.resume_from = experiment.checkpoint(4).root
     config.train.lora_rank = 8
     with pytest.raises(UserError, match="rank"):
-        resume(trainer, config)
+        resume(trainer, config, experiment)
