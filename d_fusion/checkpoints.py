@@ -55,7 +55,8 @@ def load_lora(unet, path):
             f"LoRA weights {path} do not fit this UNet and its LoRA rank ({error}): "
             "was the checkpoint made from another model?"
         ) from None
-    if not weights or result.unexpected_keys:
+    missing_lora = [k for k in result.missing_keys if "lora_" in k]
+    if not weights or result.unexpected_keys or missing_lora:
         raise UserError(f"LoRA weights {path} do not match this UNet's LoRA layers: resume with the same model")
 
 
@@ -125,8 +126,12 @@ def save_checkpoint(trainer, experiment, epoch):
 
 
 def keep_checkpoints(config, experiment, epoch):
-    """After epoch `epoch`'s checkpoint: drop earlier ones not due, and due ones beyond the limit."""
-    earlier = [c for c in checkpoints_in(experiment.checkpoints) if c.epoch < epoch]
+    """After epoch `epoch`'s checkpoint: drop earlier ones not due, due ones beyond the limit, and later
+    ones (left by a run that was resumed from an older checkpoint: they belong to an abandoned branch)."""
+    found = checkpoints_in(experiment.checkpoints)
+    for abandoned in [c for c in found if c.epoch > epoch]:
+        shutil.rmtree(abandoned.root)
+    earlier = [c for c in found if c.epoch < epoch]
     due = [c for c in earlier if checkpoint_due(config, c.epoch)]
     not_due = [c for c in earlier if not checkpoint_due(config, c.epoch)]
     room = config.train.num_checkpoint_limit - checkpoint_due(config, epoch)
@@ -164,6 +169,8 @@ def find_checkpoint(resume_from):
 def load_checkpoint(trainer, checkpoint):
     """Restore LoRA, optimizer, grad scaler and RNG from `checkpoint`; returns its epoch."""
     saved = read_json(checkpoint.state_file, "checkpoint state")
+    if not isinstance(saved, dict) or not {"epoch", "lora_rank", "optimizer", "grad_scaler"} <= saved.keys():
+        raise UserError(f"checkpoint state {checkpoint.state_file} is incomplete; resume from another checkpoint")
     if saved["lora_rank"] != trainer.config.train.lora_rank:
         raise UserError(
             f"checkpoint {checkpoint.root} has LoRA rank {saved['lora_rank']}, "
@@ -171,7 +178,13 @@ def load_checkpoint(trainer, checkpoint):
         )
     load_lora(trainer.models.unet, checkpoint.lora_weights)
     tensors = read_tensors(checkpoint.state_tensors_file)
-    trainer.optimizer.load_state_dict(_join_optimizer_state(tensors, saved["optimizer"]))
+    try:
+        trainer.optimizer.load_state_dict(_join_optimizer_state(tensors, saved["optimizer"]))
+    except (KeyError, ValueError) as error:
+        raise UserError(
+            f"the optimizer state of {checkpoint.root} does not fit this run's optimizer ({error}): "
+            "resume with the checkpoint's settings (train.use_8bit_adam, train.lora_rank)"
+        ) from None
     scaler = trainer.accelerator.scaler
     if scaler is not None and saved["grad_scaler"] is not None:
         scaler.load_state_dict(saved["grad_scaler"])

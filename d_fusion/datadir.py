@@ -48,6 +48,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -82,9 +83,13 @@ def atomic_folder(path):
     scratch = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
     try:
         yield scratch
-        if os.path.isdir(path):
-            shutil.rmtree(path)
+        old = None
+        if os.path.isdir(path):  # keep the old folder until the new one is in place
+            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
+            os.replace(path, os.path.join(old, "folder"))
         os.rename(scratch, path)
+        if old:
+            shutil.rmtree(old)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -150,6 +155,11 @@ def read_tensors(path):
         raise UserError(f"tensor file {path} is unreadable ({error}); move it aside and rerun") from None
 
 
+def is_number(value):
+    """A finite int or float (not a bool, not NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def image_name(index):
     return f"{index:05d}.png"
 
@@ -185,11 +195,14 @@ class ImageSet:
             return []
         data = read_json(self.scores_file, "scores file")
         scores = data.get("scores") if isinstance(data, dict) else None
-        if not isinstance(scores, list) or data.get("count") != len(scores) or not all(
-            isinstance(s, (int, float)) for s in scores
-        ):
+        if not isinstance(scores, list) or data.get("count") != len(scores) or not all(map(is_number, scores)):
             raise UserError(f"scores file {self.scores_file} is malformed; move it aside and rerun the scorer")
         return [float(s) for s in scores]
+
+    def forget_scores(self):
+        """Remove the scores file: its scores belong to images no longer published (remade ones)."""
+        if os.path.exists(self.scores_file):
+            os.remove(self.scores_file)
 
     def write_scores(self, scores):
         mean = sum(scores) / len(scores) if scores else None

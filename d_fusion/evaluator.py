@@ -111,8 +111,15 @@ def wait_for_folder(folder, poll_interval, exp_name):
         time.sleep(poll_interval)
 
 
+def check_eval_config(config):
+    """Scoring settings that cannot work fail at start-up."""
+    if config.eval.batch_size < 1 or config.eval.poll_interval <= 0:
+        raise UserError("config.eval.batch_size must be >= 1 and config.eval.poll_interval > 0")
+
+
 def run_scorer(config):
     """run_eval.py: score every new image of the experiment until Ctrl-C (or, if asked, until it is finished)."""
+    check_eval_config(config)
     if config.threads:
         torch.set_num_threads(config.threads)
     setup_logging()

@@ -13,9 +13,10 @@ from d_fusion import distributed
 from d_fusion.attention import attention_layers
 from d_fusion.datadir import ExperimentDir, write_image
 from d_fusion.errors import UserError
-from d_fusion.evaluator import ScoreCollector
+from d_fusion.evaluator import ScoreCollector, check_eval_config
 from d_fusion.fusion import check_fusion_inputs, fuse_epoch
 from d_fusion.logs import setup_logging
+from d_fusion.masks import item_selection
 from d_fusion.models import load_models_from_config
 from d_fusion.prompts import epoch_samples, load_prompts
 from d_fusion.report import update_report
@@ -84,13 +85,16 @@ def run_experiment(config):
         setup_logging(level=logging.WARNING)
     prompts = load_prompts(config)
     objects = check_fusion_inputs(config, prompts)  # bad fusion inputs fail here, before any work
+    check_eval_config(config)
     if config.use_lora:
         check_training_inputs(config)  # likewise training settings and resume_from
     samples = epoch_samples(prompts, config.sample.batch_size, config.sample.num_batches_per_epoch)
     log.info("experiment %s: %d prompts, %d samples per epoch", experiment.root, len(prompts), len(samples))
 
     models = load_models_from_config(config)
-    attention_layers(models.unet, config.fusion.mask_resolution)  # a mask grid the UNet lacks fails here
+    # a mask grid the UNet lacks, or an object the tokenizer cannot find, fails here, before any sampling
+    attention_layers(models.unet, config.fusion.mask_resolution)
+    item_selection(models.tokenizer, prompts, objects, models.tokenizer.model_max_length)
     negative_embeds = encode_prompts(models, [""])
     scores = ScoreCollector(config, experiment)
     # LoRA on models.unet in place (the next epoch samples from it), optimizer, resume_from

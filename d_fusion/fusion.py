@@ -239,6 +239,8 @@ def fuse_epoch(config, models, epoch_dir, epoch, samples, scores, negative_embed
     distributed.on_main(epoch_dir.write_injected_map, pair_indices)
     if published:
         log.info("epoch %d: reusing %d published targets", epoch, len(published))
+    else:  # scores left from targets that were moved aside would be taken for the new ones'
+        distributed.on_main(epoch_dir.injected.forget_scores)
     settings = FusionSettings.from_config(config)
     chunk = 2 * max(1, config.sample.batch_size // 2)  # whole references: each guides two targets in a row
     # with K processes, process r fuses chunk r of each round of K; the main process publishes the round

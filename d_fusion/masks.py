@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from d_fusion.datadir import read_json
+from d_fusion.datadir import is_number, read_json
 from d_fusion.errors import UserError
 
 
@@ -48,7 +48,7 @@ def _items_of(config, prompts):
     where = config.item_idx_file or "config.item_idx"
     for prompt, positions in table.items():
         words = len(prompt.split())
-        if not isinstance(positions, list) or not all(isinstance(p, int) and 0 <= p < words for p in positions):
+        if not isinstance(positions, list) or not all(is_number(p) and isinstance(p, int) and 0 <= p < words for p in positions):
             raise UserError(
                 f"{where}: the objects of {prompt!r} must be a list of word positions 0..{words - 1}, got {positions!r}"
             )
@@ -61,7 +61,8 @@ def _prompt_table(path, what, prompts):
         raise UserError(f"{what} {path} must hold a JSON object {{prompt: value}}")
     missing = [p for p in prompts if p not in table]
     if missing:
-        raise UserError(f"{what} {path} has no entry for the prompt {missing[0]!r} (and {len(missing) - 1} more)")
+        raise UserError(f"{what} {path} has no entry for the prompt {missing[0]!r}"
+                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     return {p: table[p] for p in prompts}
 
 
@@ -74,7 +75,7 @@ def _thresholds_of(config, prompts, items):
     for prompt, value in table.items():
         count = len(items[prompt])
         values = [value] * count if isinstance(value, (int, float)) else value
-        if not isinstance(values, (list, tuple)) or not all(isinstance(v, (int, float)) for v in values):
+        if not isinstance(values, (list, tuple)) or not all(map(is_number, values)):
             raise UserError(f"{where}: the threshold of {prompt!r} must be a number or a list of numbers, got {value!r}")
         if len(values) != count:
             raise UserError(
@@ -100,9 +101,11 @@ def load_objects(config, prompts):
 
 def item_token_positions(tokenizer, prompt, item):
     """Token positions (in the padded prompt, start token at 0) of one object of `prompt`."""
-    if isinstance(item, int):
-        return [item + 1]
     ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    if isinstance(item, int):
+        if item + 1 >= len(ids) - 1:  # ids: start token, the prompt's tokens, end token
+            raise UserError(f"word position {item} is beyond the tokens of the prompt {prompt!r}")
+        return [item + 1]
     tokens = tokenizer.convert_ids_to_tokens(ids)
     word = tokenizer(item, add_special_tokens=False).input_ids
     positions = [

@@ -127,5 +127,7 @@ def load_models_from_config(config):
         from d_fusion.tiny import build_tiny_models
 
         build_tiny_models(os.path.dirname(config.pretrained.model.rstrip("/")))
+    torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
+    torch.backends.cudnn.allow_tf32 = config.allow_tf32
     dev_id = distributed.device_id(config.dev_id)
     return load_models(config.pretrained.model, config.pretrained.revision, config.mixed_precision, dev_id)

@@ -19,6 +19,11 @@ class Pair:
 
 def check_samples_per_prompt(batch_size, num_batches_per_epoch):
     """n = samples per prompt must be a multiple of 4 (checked at start-up, before any sampling)."""
+    if batch_size < 1 or num_batches_per_epoch < 1:
+        raise UserError(
+            f"sample.batch_size = {batch_size} and sample.num_batches_per_epoch = {num_batches_per_epoch} "
+            "must both be >= 1"
+        )
     n = batch_size * num_batches_per_epoch
     if n % 4:
         raise UserError(

@@ -99,6 +99,6 @@ def sample_trajectories(
 def decode_images(models, latents):
     """Final latents (B, C, H, W) -> uint8 images (B, H, W, 3) as numpy."""
     vae = models.vae
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    images = vae.decode(latents.to(models.dtype) / vae.config.scaling_factor).sample
     images = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
     return images.permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8)

@@ -226,8 +226,10 @@ def check_train_config(config):
         raise UserError(f"config.train.eps = {train.eps}: the ratio clip must lie in (0, 1)")
     if int(config.sample.num_steps * train.timestep_fraction) < 1:
         raise UserError("config.train.timestep_fraction leaves no training timestep: raise it (at most 1.0)")
-    if train.batch_size < 1 or train.gradient_accumulation_steps < 1 or train.num_inner_epochs < 1:
-        raise UserError("config.train.batch_size, gradient_accumulation_steps and num_inner_epochs must be >= 1")
+    if min(train.batch_size, train.gradient_accumulation_steps, train.num_inner_epochs, train.save_interval) < 1:
+        raise UserError(
+            "config.train.batch_size, gradient_accumulation_steps, num_inner_epochs and save_interval must be >= 1"
+        )
 
 
 def check_training_inputs(config):
@@ -272,9 +274,6 @@ class Trainer:
     def __init__(self, config, models):
         check_train_config(config)
         self.config, self.models = config, models
-        if models.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
-            torch.backends.cudnn.allow_tf32 = config.allow_tf32
         on_cpu = models.device.type == "cpu"
         self.accelerator = Accelerator(
             mixed_precision="no" if on_cpu else config.mixed_precision, cpu=on_cpu, device_placement=False
@@ -334,10 +333,19 @@ class Trainer:
         metrics = MetricsSum.total(distributed.gather(metrics))
         return metrics.means() | {"lr": self.optimizer.param_groups[0]["lr"]}
 
+    def check_steps(self, timesteps):
+        """Stored trajectories must have the configured number of steps: t' depends on the spacing."""
+        if len(timesteps) != self.config.sample.num_steps:
+            raise UserError(
+                f"the epoch's trajectories have {len(timesteps)} steps but config.sample.num_steps is "
+                f"{self.config.sample.num_steps}: rerun with the sampling settings the epoch was made with"
+            )
+
     def train_pairs(self, pairs, epoch):
         """DPO on the epoch's (target, base) pairs; returns the epoch's training metrics."""
         train = self.config.train
         timesteps = pairs.preferred.timesteps
+        self.check_steps(timesteps)
 
         def timestep_loss(k, step):
             latents = torch.stack([pairs.preferred.latents[k], pairs.dispreferred.latents[k]])  # (2, T+1, C, H, W)
@@ -352,6 +360,7 @@ class Trainer:
     def train_samples(self, samples, epoch):
         """DDPO (PPO-clip) on the epoch's scored samples; returns the epoch's training metrics."""
         trajectories = samples.trajectories
+        self.check_steps(trajectories.timesteps)
 
         def timestep_loss(i, step):
             embeds = samples.prompt_embeds[i : i + 1].to(self.models.device)

@@ -105,3 +105,8 @@ def test_save_interval_limit_and_bad_resume(config):
     config.train.lora_rank = 8
     with pytest.raises(UserError, match="rank"):
         resume(trainer, config, experiment)
+
+    # resumed from an older checkpoint, the run's next save drops the abandoned later ones
+    save_epoch_checkpoint(trainer, experiment, 3)
+    assert [c.epoch for c in checkpoints_in(experiment.checkpoints)] == [3]
+

@@ -26,6 +26,14 @@ def test_half_written_files_are_named(tmp_path):
         read_tensors(str(tmp_path / "half.safetensors"))
 
 
+def test_scores_must_be_finite_numbers(tmp_path):
+    scored = ExperimentDir(str(tmp_path), "x").epoch(0).injected
+    for bad in ([0.1, float("nan")], [0.1, True]):
+        write_json(scored.scores_file, {"count": 2, "mean": 0.1, "scores": bad})
+        with pytest.raises(UserError, match="malformed"):
+            scored.read_scores()
+
+
 def test_a_corrupt_metrics_file_stops_training_records_without_losing_it(tmp_path):
     experiment = ExperimentDir(str(tmp_path), "x")
     experiment.record_metrics({"epoch": 0, "loss": 0.7})

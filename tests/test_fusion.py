@@ -69,6 +69,20 @@ def test_target_equals_base_without_fusion(tiny_sd, fusion_settings, thresholds)
     assert torch.equal(result.targets.log_probs, result.bases.log_probs)
 
 
+def test_references_batched_together_guide_their_own_targets(tiny_sd):
+    # two references in one pass, each guiding two targets (r0, r0, r1, r1), with partial masks:
+    # every target equals the one made with its reference alone
+    thresholds = (0.014, 0.014)
+    together = fuse(tiny_sd, settings(), references=(0, 1), bases=(4, 5, 6, 7), guide=(0, 0, 1, 1), thresholds=thresholds)
+    masks = together.reference_masks.any(dim=2).flatten(2).float().mean(-1)  # fraction fused per reference, step
+    assert ((masks > 0) & (masks < 1)).any(), "the test needs masks that are neither empty nor full"
+    for reference, bases in ((0, (4, 5)), (1, (6, 7))):
+        alone = fuse(tiny_sd, settings(), references=(reference,), bases=bases, guide=(0, 0), thresholds=thresholds)
+        rows = [4, 5, 6, 7].index(bases[0])
+        assert torch.equal(alone.reference_masks[0], together.reference_masks[reference])
+        torch.testing.assert_close(alone.targets.latents, together.targets.latents[rows : rows + 2], atol=1e-4, rtol=1e-4)
+
+
 def test_fusion_happens_exactly_at_the_specs_steps_and_blocks(tiny_sd):
     # the release's defaults with 20 steps: steps 2..19, blocks 3..6
     result = fuse(tiny_sd, settings(20, inject_t="0-18,0-18,0-18,0-18,0-18,", use_mask=False), bases=(5,), guide=(0,))
@@ -125,7 +139,9 @@ def test_fuse_epoch_writes_targets_survives_a_crash_and_reuses_them(tiny_sd, one
     pairs = fuse_epoch(config, tiny_sd, epoch_dir, 0, samples, scores, negative, objects)
     assert len(calls) == 3
     monkeypatch.setattr(fusion, "fused_sampling", sampling)
+    whole.injected.write_scores([0.5] * 4)  # left from targets moved aside: not the new targets' scores
     fuse_epoch(config, tiny_sd, whole, 0, samples, scores, negative, objects)
+    assert whole.injected.read_scores() == []
 
     assert [(p.reference, p.base) for p in pairs] == [(1, 6), (1, 3), (4, 5), (4, 0)]
     assert epoch_dir.read_injected_map() == [(6, 1), (3, 1), (5, 4), (0, 4)]
@@ -163,6 +179,10 @@ def test_start_up_checks(one_prompt_config):
     with pytest.raises(UserError, match="mask_images"):
         check_fusion_inputs(config, [PROMPT])
     config.fusion.mask_images = "last"
+    config.sample.batch_size, config.sample.num_batches_per_epoch = 4, 0
+    with pytest.raises(UserError, match=">= 1"):
+        check_fusion_inputs(config, [PROMPT])
+    config.sample.num_batches_per_epoch = 1
     config.item_idx = [1, 7]
     with pytest.raises(UserError, match="word positions"):
         check_fusion_inputs(config, [PROMPT])

@@ -5,6 +5,7 @@ import torch
 
 from d_fusion.errors import UserError
 from d_fusion.masks import (
+    PromptObjects,
     item_selection,
     item_token_positions,
     load_objects,
@@ -111,6 +112,16 @@ def test_item_selection_pads_missing_objects(tiny_sd, config):
     weights, thresholds = item_selection(tiny_sd.tokenizer, prompts, load_objects(config, prompts), 77)
     assert weights.shape == (2, 2, 77) and weights.sum() == 4
     assert weights[0, 1, 5] == 1 and weights[1, 1, 4] == 1
+
+    objects = {PROMPT: PromptObjects((1, 4), (0.1, 0.2)), "a cat": PromptObjects((1,), (0.3,))}
+    weights, thresholds = item_selection(tiny_sd.tokenizer, [PROMPT, "a cat"], objects, 77)
+    assert weights.shape == (2, 2, 77) and not weights[1, 1].any()  # "a cat" has one object: the 2nd is padding
+    assert thresholds[1].tolist() == [pytest.approx(0.3), float("inf")]
+
+
+def test_a_word_position_beyond_the_prompts_tokens_is_a_clear_error(tiny_sd):
+    with pytest.raises(UserError, match="word position 5 is beyond the tokens"):
+        item_selection(tiny_sd.tokenizer, ["a cat"], {"a cat": PromptObjects((5,), (0.1,))}, 77)
 
 
 def test_nearest_resize_and_pictures():

@@ -130,6 +130,10 @@ def test_bad_training_config_is_a_user_error(fresh_tiny_sd, tiny_config):
     with pytest.raises(UserError, match="eta"):
         Trainer(tiny_config, fresh_tiny_sd)
     tiny_config.sample.eta = 1.0
+    tiny_config.train.save_interval = 0
+    with pytest.raises(UserError, match="save_interval"):
+        check_training_inputs(tiny_config)
+    tiny_config.train.save_interval = 1
     tiny_config.resume_from = tiny_config.save_path + "/no-such-checkpoints"
     with pytest.raises(UserError, match="resume_from"):
         check_training_inputs(tiny_config)  # at start-up, before the models load
