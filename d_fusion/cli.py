@@ -2,6 +2,7 @@
 
 import sys
 
+import torch
 from absl import app
 from ml_collections import config_flags
 
@@ -20,7 +21,10 @@ def main(run):
                     f"unexpected argument(s) {' '.join(argv[1:])}: a boolean option takes its value after "
                     "'=', e.g. --config.eval.inline=False (a bare --config.eval.inline means True)"
                 )
-            run(_CONFIG.value)
+            config = _CONFIG.value
+            if config.threads:
+                torch.set_num_threads(config.threads)
+            run(config)
         except UserError as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)

@@ -54,7 +54,6 @@ import shutil
 import tempfile
 
 import numpy as np
-import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 

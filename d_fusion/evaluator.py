@@ -11,7 +11,6 @@ import logging
 import os
 import time
 
-import torch
 from tqdm.auto import tqdm
 
 from d_fusion import distributed
@@ -120,8 +119,6 @@ def check_eval_config(config):
 def run_scorer(config):
     """run_eval.py: score every new image of the experiment until Ctrl-C (or, if asked, until it is finished)."""
     check_eval_config(config)
-    if config.threads:
-        torch.set_num_threads(config.threads)
     setup_logging()
     experiment = ExperimentDir(config.save_path, config.exp_name)
     ev = config.eval

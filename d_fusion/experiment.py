@@ -6,7 +6,6 @@ run reuses what is published and goes on from there.
 
 import logging
 
-import torch
 from tqdm.auto import tqdm
 
 from d_fusion import distributed
@@ -24,11 +23,6 @@ from d_fusion.sampling import decode_images, encode_prompts, sample_generators, 
 from d_fusion.training import TrainingStage, check_training_inputs
 
 log = logging.getLogger(__name__)
-
-
-def set_threads(threads):
-    if threads:
-        torch.set_num_threads(threads)
 
 
 def sample_epoch(config, models, epoch_dir, epoch, samples, negative_embeds):
@@ -77,7 +71,6 @@ def sample_batch(config, models, epoch_dir, epoch, samples, negative_embeds, sta
 
 
 def run_experiment(config):
-    set_threads(config.threads)
     experiment = ExperimentDir(config.save_path, config.exp_name)
     if distributed.is_main():
         setup_logging(experiment.log_file)

@@ -18,19 +18,11 @@ from tqdm.auto import tqdm
 from d_fusion import distributed
 from d_fusion.attention import Fuse, Record, fusion_processors
 from d_fusion.datadir import copy_file, write_image
-from d_fusion.ddim import ddim_step_with_logprob
 from d_fusion.errors import UserError
 from d_fusion.injection import Injection, injection_from_config
 from d_fusion.masks import item_selection, load_objects, mask_picture, object_masks, union_mask
 from d_fusion.pairing import check_samples_per_prompt, pair_samples
-from d_fusion.sampling import (
-    Trajectories,
-    decode_images,
-    encode_prompts,
-    guided_noise,
-    initial_latents,
-    sample_generators,
-)
+from d_fusion.sampling import Denoising, Trajectories, decode_images, encode_prompts, sample_generators
 
 log = logging.getLogger(__name__)
 
@@ -76,31 +68,6 @@ def _copy_generators(generators):
     return [torch.Generator(g.device).set_state(g.get_state()) for g in generators]
 
 
-class _Denoising:
-    """A batch on its way from x_T: latents so far, log-probs, its generators and embeddings."""
-
-    def __init__(self, unet, generators, embeds, negative_embeds):
-        latent_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-        self.generators, self.embeds = generators, embeds
-        self.negative_embeds = negative_embeds.expand(len(generators), -1, -1)
-        self.latents = [initial_latents(generators, latent_shape, unet.device)]  # x_T: (B, C, H, W)
-        self.log_probs = []
-
-    def step(self, unet, scheduler, timestep, settings, state):
-        """One DDIM step with the processors' behaviour given by `state` (a Record, a Fuse or None)."""
-        latents = self.latents[-1]
-        noise = guided_noise(
-            unet, latents, timestep, self.embeds, self.negative_embeds, settings.guidance_scale, settings.cfg,
-            {"fusion": state},
-        )
-        latents, log_prob, _ = ddim_step_with_logprob(scheduler, noise, timestep, latents, settings.eta, self.generators)
-        self.latents.append(latents)
-        self.log_probs.append(log_prob)
-
-    def trajectories(self, timesteps):
-        return Trajectories(torch.stack(self.latents, dim=1), torch.stack(self.log_probs, dim=1), timesteps.cpu())
-
-
 def _stack_masks(masks):
     return torch.stack(masks, dim=1) if masks else None
 
@@ -122,12 +89,12 @@ def fused_sampling(
     guide = guide.to(unet.device)
     item_weights, item_thresholds = item_weights.to(unet.device), item_thresholds.to(unet.device)
     target_embeds = reference_embeds[guide]
-    references = _Denoising(unet, reference_generators, reference_embeds, negative_embeds)
+    references = Denoising(unet, reference_generators, reference_embeds, negative_embeds)
     bases = (
-        _Denoising(unet, _copy_generators(base_generators), target_embeds, negative_embeds)
+        Denoising(unet, _copy_generators(base_generators), target_embeds, negative_embeds)
         if settings.base_pass else None
     )
-    targets = _Denoising(unet, base_generators, target_embeds, negative_embeds)
+    targets = Denoising(unet, base_generators, target_embeds, negative_embeds)
     injection, num_steps = settings.injection, settings.num_steps
     reference_masks, base_masks, fused = [], [], []
     with fusion_processors(unet, settings.mask_resolution) as layers:
@@ -136,17 +103,17 @@ def fused_sampling(
             k_blocks = frozenset(b for b in blocks if injection.self_k.fuses(i, num_steps, b))
             v_blocks = frozenset(b for b in blocks if injection.self_v.fuses(i, num_steps, b))
             reference = Record(k_blocks | v_blocks, settings.use_mask, settings.cfg)
-            references.step(unet, scheduler, t, settings, reference)
+            references.step(unet, scheduler, t, settings.eta, settings.guidance_scale, settings.cfg, {"fusion": reference})
             mask = None
             if settings.use_mask:
                 reference_masks.append(object_masks(reference.cross_attention_map(), item_weights, item_thresholds))
                 mask = union_mask(reference_masks[-1])
             target = Fuse(reference, guide, mask, k_blocks, v_blocks)
-            targets.step(unet, scheduler, t, settings, target)
+            targets.step(unet, scheduler, t, settings.eta, settings.guidance_scale, settings.cfg, {"fusion": target})
             fused += [(i, layer.block) for layer in target.fused]
             if bases is not None:
                 base = Record(frozenset(), True, settings.cfg)
-                bases.step(unet, scheduler, t, settings, base)
+                bases.step(unet, scheduler, t, settings.eta, settings.guidance_scale, settings.cfg, {"fusion": base})
                 base_masks.append(object_masks(base.cross_attention_map(), item_weights[guide], item_thresholds[guide]))
             del reference, target  # the step's keys and values go
     timesteps = scheduler.timesteps

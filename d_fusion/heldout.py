@@ -199,8 +199,6 @@ def check_heldout_config(config):
 
 def run_heldout(config):
     """run_heldout.py: evaluate the base model and the checkpoints on the held-out prompts; returns the table."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
     setup_logging()
     check_heldout_config(config)
     experiment = ExperimentDir(config.save_path, config.exp_name)

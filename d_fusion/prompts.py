@@ -19,10 +19,6 @@ def read_prompt_file(path):
     return prompts
 
 
-def samples_per_prompt(config):
-    return config.sample.batch_size * config.sample.num_batches_per_epoch
-
-
 def epoch_samples(prompts, batch_size, num_batches_per_epoch):
     """The prompt of every sample of an epoch, in sample-index order (batches never mix prompts)."""
     return [p for p in prompts for _ in range(batch_size * num_batches_per_epoch)]

@@ -78,6 +78,30 @@ def initial_latents(generators, latent_shape, device):
     return step_noise(generators, latent_shape, device)
 
 
+class Denoising:
+    """A batch on its way from x_T: its latents so far, log-probs, generators and embeddings."""
+
+    def __init__(self, unet, generators, prompt_embeds, negative_embeds):
+        latent_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+        self.generators, self.prompt_embeds = generators, prompt_embeds  # (B, 77, D)
+        self.negative_embeds = negative_embeds.expand(len(generators), -1, -1)
+        self.latents = [initial_latents(generators, latent_shape, unet.device)]  # x_T: (B, C, H, W)
+        self.log_probs = []
+
+    def step(self, unet, scheduler, timestep, eta, guidance_scale, cfg=True, attention_kwargs=None):
+        """One DDIM step; `attention_kwargs` reach the attention processors (fusion's state)."""
+        latents = self.latents[-1]
+        noise = guided_noise(
+            unet, latents, timestep, self.prompt_embeds, self.negative_embeds, guidance_scale, cfg, attention_kwargs
+        )
+        latents, log_prob, _ = ddim_step_with_logprob(scheduler, noise, timestep, latents, eta, self.generators)
+        self.latents.append(latents)
+        self.log_probs.append(log_prob)
+
+    def trajectories(self, timesteps):
+        return Trajectories(torch.stack(self.latents, dim=1), torch.stack(self.log_probs, dim=1), timesteps.cpu())
+
+
 @torch.no_grad()
 def sample_trajectories(
     models, prompt_embeds, negative_embeds, generators, num_steps, eta, guidance_scale, cfg=True, progress=True
@@ -85,14 +109,10 @@ def sample_trajectories(
     """Denoise from each generator's x_T with DDIM, keeping every x_t and every step's log-prob."""
     scheduler, unet = models.scheduler, models.unet
     scheduler.set_timesteps(num_steps, device=models.device)
-    latents = initial_latents(generators, models.latent_shape, models.device)
-    all_latents, log_probs = [latents], []
+    batch = Denoising(unet, generators, prompt_embeds, negative_embeds)
     for t in tqdm(scheduler.timesteps, desc="timestep", leave=False, disable=not progress):
-        noise_pred = guided_noise(unet, latents, t, prompt_embeds, negative_embeds, guidance_scale, cfg)
-        latents, log_prob, _ = ddim_step_with_logprob(scheduler, noise_pred, t, latents, eta, generators)
-        all_latents.append(latents)
-        log_probs.append(log_prob)
-    return Trajectories(torch.stack(all_latents, dim=1), torch.stack(log_probs, dim=1), scheduler.timesteps.cpu())
+        batch.step(unet, scheduler, t, eta, guidance_scale, cfg)
+    return batch.trajectories(scheduler.timesteps)
 
 
 @torch.no_grad()
