@@ -26,7 +26,9 @@ def release_config():
     config.mask_thr_file = ""
     config.item_idx = [1, 3]
     config.item_idx_file = ""
-    # which attention components, steps and blocks fuse: self Q, K, V, cross Q, K, V
+    # which attention components, steps and blocks fuse: self Q, K, V, cross Q, K, V. Only the
+    # self-attention K and V flags act (SPEC section 6: the target keeps its own query, and its
+    # cross-attention is its own); the other four are parsed and checked for the release's strings
     config.inject_component = "T,T,T,T,T,F"
     config.inject_t = "0-18,0-18,0-18,0-18,0-18,"
     config.inject_l = "3-6,3-6,3-6,3-6,3-6,"
