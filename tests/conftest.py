@@ -49,3 +49,25 @@ def tiny_config(tiny_dir, tmp_path):
     config.save_path = str(tmp_path / "data")
     config.exp_name = "test"
     return config
+
+
+@pytest.fixture
+def crash_on_call(monkeypatch):
+    """crash_on_call(module, name, n): `module.name` raises KeyboardInterrupt (a kill) on its n-th call.
+
+    Returns the list of calls so far (one entry per call); `monkeypatch.undo()` restores the function.
+    """
+
+    def patch(module, name, n):
+        original, calls = getattr(module, name), []
+
+        def crashing(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, crashing)
+        return calls
+
+    return patch

@@ -40,24 +40,15 @@ def test_sampling_writes_images_prompts_and_trajectories(small_config, tiny_sd):
     assert not [f for f in os.listdir(epoch_dir.images) if f.startswith(".tmp")]
 
 
-def test_crash_mid_epoch_then_restart_equals_uninterrupted(small_config, tiny_sd, tmp_path, monkeypatch):
+def test_crash_mid_epoch_then_restart_equals_uninterrupted(small_config, tiny_sd, tmp_path, monkeypatch, crash_on_call):
     small_config.save_path = str(tmp_path / "whole")
     whole, samples = run_sampling(small_config, tiny_sd)
 
     small_config.save_path = str(tmp_path / "crashed")
-    decode = experiment.decode_images
-    calls = []
-
-    def crash_on_second_batch(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return decode(*args)
-
-    monkeypatch.setattr(experiment, "decode_images", crash_on_second_batch)
+    crash_on_call(experiment, "decode_images", 2)  # killed in the second batch
     with pytest.raises(KeyboardInterrupt):
         run_sampling(small_config, tiny_sd)
-    monkeypatch.setattr(experiment, "decode_images", decode)
+    monkeypatch.undo()
     crashed = ExperimentDir(small_config.save_path, small_config.exp_name).epoch(0)
     assert crashed.published_prompts() == samples[:2]
     first_image_time = os.path.getmtime(crashed.image_path(0))

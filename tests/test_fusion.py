@@ -106,7 +106,7 @@ def one_prompt_config(tiny_config):
     return tiny_config
 
 
-def test_fuse_epoch_writes_targets_survives_a_crash_and_reuses_them(tiny_sd, one_prompt_config, monkeypatch):
+def test_fuse_epoch_writes_targets_survives_a_crash_and_reuses_them(tiny_sd, one_prompt_config, monkeypatch, crash_on_call):
     import shutil
 
     from d_fusion.datadir import ExperimentDir, read_json
@@ -124,21 +124,13 @@ def test_fuse_epoch_writes_targets_survives_a_crash_and_reuses_them(tiny_sd, one
     scores = [0.1, 0.9, 0.5, 0.3, 0.8, 0.2, 0.4, 0.7]  # references 1, 4; bases 6, 3, 5, 0
 
     # a crash in the second batch keeps the first; the rerun makes only the second
-    calls, sampling = [], fusion.fused_sampling
-
-    def crash_on_second_batch(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return sampling(*args)
-
-    monkeypatch.setattr(fusion, "fused_sampling", crash_on_second_batch)
+    calls = crash_on_call(fusion, "fused_sampling", 2)
     with pytest.raises(KeyboardInterrupt):
         fuse_epoch(config, tiny_sd, epoch_dir, 0, samples, scores, negative, objects)
     assert epoch_dir.injected.published_prompts() == [PROMPT] * 2
     pairs = fuse_epoch(config, tiny_sd, epoch_dir, 0, samples, scores, negative, objects)
     assert len(calls) == 3
-    monkeypatch.setattr(fusion, "fused_sampling", sampling)
+    monkeypatch.undo()
     whole.injected.write_scores([0.5] * 4)  # left from targets moved aside: not the new targets' scores
     fuse_epoch(config, tiny_sd, whole, 0, samples, scores, negative, objects)
     assert whole.injected.read_scores() == []
