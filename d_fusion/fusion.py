@@ -133,6 +133,10 @@ def fused_sampling(
 def check_fusion_inputs(config, prompts):
     """Every fusion input checked at start-up, before models load; returns {prompt: PromptObjects}."""
     check_samples_per_prompt(config.sample.batch_size, config.sample.num_batches_per_epoch)
+    if config.fusion.batch_size < 2:
+        raise UserError(
+            f"config.fusion.batch_size = {config.fusion.batch_size}: a fused pass makes at least 2 targets"
+        )
     if config.fusion.mask_images not in MASK_IMAGES:
         raise UserError(f"config.fusion.mask_images = {config.fusion.mask_images!r}; use one of {MASK_IMAGES}")
     injection_from_config(config)
@@ -209,7 +213,7 @@ def fuse_epoch(config, models, epoch_dir, epoch, samples, scores, negative_embed
     else:  # scores left from targets that were moved aside would be taken for the new ones'
         distributed.on_main(epoch_dir.injected.forget_scores)
     settings = FusionSettings.from_config(config)
-    chunk = 2 * max(1, config.sample.batch_size // 2)  # whole references: each guides two targets in a row
+    chunk = config.fusion.batch_size // 2 * 2  # whole references: each guides two targets in a row
     # with K processes, process r fuses chunk r of each round of K; the main process publishes the round
     for round_starts, start in tqdm(
         distributed.rounds(range(len(published), len(pairs), chunk)),

@@ -112,8 +112,9 @@ def test_fuse_epoch_writes_targets_survives_a_crash_and_reuses_them(tiny_sd, one
     from d_fusion.datadir import ExperimentDir, read_json
 
     config = one_prompt_config
-    config.sample.batch_size = 2  # fusion in two batches of two targets (one reference each)
+    config.sample.batch_size = 2
     config.sample.num_batches_per_epoch = 4
+    config.fusion.batch_size = 3  # fusion in two batches of two targets (one reference each)
     samples = [PROMPT] * 8
     objects = check_fusion_inputs(config, [PROMPT])
     epoch_dir = ExperimentDir(config.save_path, config.exp_name).epoch(0)
