@@ -415,15 +415,19 @@ def load_pairs(models, epoch_dir):
     )
 
 
-def load_scored_samples(policy, epoch_dir, adv_clip_max):
-    """The epoch's samples and targets with advantages; the targets' old log-probs recomputed without fusion."""
+def load_scored_samples(trainer, epoch_dir):
+    """The epoch's samples and targets with advantages; the targets' old log-probs recomputed without fusion,
+    in batches of `sample.batch_size` and under the training's autocast (so that ratios start at 1)."""
+    policy, config = trainer.policy, trainer.config
     sample_prompts, target_prompts = epoch_dir.sampled.published_prompts(), epoch_dir.injected.published_prompts()
     samples = stack_trajectories(epoch_dir.load_trajectory, range(len(sample_prompts)))
     targets = stack_trajectories(epoch_dir.load_injected_trajectory, range(len(target_prompts)))
     target_embeds = embed_prompts(policy.models, target_prompts)
     # each process recomputes its share of the targets
     rows = distributed.shard(range(len(target_prompts)))
-    share = [policy.trajectory_log_probs(targets[i : i + 1], target_embeds[i : i + 1]) for i in rows]
+    batches = [rows[i : i + config.sample.batch_size] for i in range(0, len(rows), config.sample.batch_size)]
+    with trainer.accelerator.autocast():
+        share = [policy.trajectory_log_probs(targets[batch], target_embeds[batch]) for batch in batches]
     targets.log_probs = torch.cat([log_probs for part in distributed.gather(share) for log_probs in part])
     prompts = sample_prompts + target_prompts
     scores = complete_scores(epoch_dir.sampled, len(sample_prompts)) + complete_scores(
@@ -432,7 +436,7 @@ def load_scored_samples(policy, epoch_dir, adv_clip_max):
     return ScoredSamples(
         Trajectories.cat([samples, targets]),
         torch.cat([embed_prompts(policy.models, sample_prompts), target_embeds]),
-        per_prompt_advantages(scores, prompts, adv_clip_max),
+        per_prompt_advantages(scores, prompts, config.train.adv_clip_max),
     )
 
 
@@ -468,7 +472,7 @@ class TrainingStage:
         if self.config.train.algorithm == "dpo":
             metrics = trainer.train_pairs(load_pairs(trainer.models, epoch_dir), epoch)
         else:
-            samples = load_scored_samples(trainer.policy, epoch_dir, self.config.train.adv_clip_max)
+            samples = load_scored_samples(trainer, epoch_dir)
             metrics = trainer.train_samples(samples, epoch)
         metrics = dict(epoch=epoch, **metrics)
         metrics.update(sample_score=mean_score(epoch_dir.sampled), target_score=mean_score(epoch_dir.injected))
