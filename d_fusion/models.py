@@ -123,10 +123,10 @@ def load_models(model, revision="main", mixed_precision="fp16", dev_id=0):
 
 
 def load_models_from_config(config):
-    if config.pretrained.tiny and not os.path.isdir(config.pretrained.model):
-        from d_fusion.tiny import build_tiny_models
+    if config.pretrained.tiny:
+        from d_fusion.tiny import build_missing
 
-        build_tiny_models(os.path.dirname(config.pretrained.model.rstrip("/")))
+        build_missing(config.pretrained.model)
     torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
     torch.backends.cudnn.allow_tf32 = config.allow_tf32
     dev_id = distributed.device_id(config.dev_id)

@@ -81,8 +81,8 @@ def load_scorer(model, pretrained="", dev_id=0):
 
 
 def load_scorer_from_config(config):
-    if config.pretrained.tiny and not os.path.isdir(config.eval.model):
-        from d_fusion.tiny import build_tiny_models
+    if config.pretrained.tiny:
+        from d_fusion.tiny import build_missing
 
-        build_tiny_models(os.path.dirname(config.eval.model.rstrip("/")))
+        build_missing(config.eval.model)
     return load_scorer(config.eval.model, config.eval.pretrained, distributed.device_id(config.dev_id))

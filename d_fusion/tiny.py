@@ -188,6 +188,12 @@ def build_tiny_models(out_dir):
     return out_dir
 
 
+def build_missing(folder):
+    """Build the tiny models beside `folder` (one of them, e.g. `.../sd`) when it does not exist."""
+    if not os.path.isdir(folder):
+        build_tiny_models(os.path.dirname(folder.rstrip("/")))
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m d_fusion.tiny OUT_DIR")
