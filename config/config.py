@@ -1,8 +1,10 @@
 """Configuration of a D-Fusion run (SPEC section 2: the release's `get_config()`).
 
-Every field is overridable on the command line as `--config.a.b value`.
-`--config config/config.py:tiny` selects the offline demo: a tiny random-weight
-Stable Diffusion and a tiny CLIP scorer, built on first use into `tiny_cache`.
+Every field is overridable on the command line as `--config.a.b value`. Variants:
+- `--config config/config.py:shapes`: the offline demo that shows the method working: the trained
+  toy model shipped at assets/shapes/ and the exact shapes reward, on the CPU in a few minutes;
+- `--config config/config.py:tiny`: the fast test setting: a tiny random-weight Stable Diffusion
+  and a tiny CLIP scorer, built on first use into `tiny_cache`.
 """
 
 import ml_collections
@@ -79,6 +81,9 @@ def project_config(config):
 
     # --- training (issue 4, SPEC section 7) ---
     config.train.algorithm = "dpo"  # "dpo": trajectory DPO on (target, base) pairs; "ddpo": PPO-clip on scores
+    # what DPO prefers over each base: "target" (D-Fusion's visually consistent pair) or "reference"
+    # (the paper's baseline: the ordinary well-aligned sample, visually inconsistent with the base)
+    config.train.preferred = "target"
     config.train.lora_rank = 4  # LoRA on the UNet's to_q, to_k, to_v, to_out.0
     config.train.gradient_checkpointing = False  # recompute UNet activations in backward: less memory, slower
     config.train.tensorboard = False  # also log the metrics to data/<exp_name>/tensorboard (needs tensorboard)
@@ -89,6 +94,9 @@ def project_config(config):
 
     # --- CLIP scorer (issue 3, SPEC section 5): run_eval.py, or the sampler itself with eval.inline ---
     config.eval = ev = ml_collections.ConfigDict()
+    # what scores an image against its prompt (d_fusion/scoring.py: REWARDS): "clip" (the release's
+    # CLIP score, with the model below) or "shapes" (the exact reward of the shapes world)
+    ev.reward = "clip"
     # open_clip architecture name with a pretrained tag or checkpoint file, or an open_clip folder
     # (open_clip_config.json + weights; "local-dir:" optional; "hf-hub:org/repo" also works).
     # With pretrained.tiny, a missing folder is built like the tiny diffusion model.
@@ -136,9 +144,10 @@ def get_config(variant=None):
     config = project_config(release_config())
     if variant in (None, ""):
         return config
-    if variant == "tiny":
-        return tiny(config)
-    raise ValueError(f"unknown config variant {variant!r}; known: tiny")
+    variants = {"tiny": tiny, "shapes": shapes}
+    if variant not in variants:
+        raise ValueError(f"unknown config variant {variant!r}; known: {', '.join(variants)}")
+    return variants[variant](config)
 
 
 def tiny(config):
@@ -164,4 +173,34 @@ def tiny(config):
     config.train.num_epochs = 2
     config.train.num_inner_epochs = 1
     config.train.save_interval = 1
+    return config
+
+
+def shapes(config):
+    """The shapes demo (d_fusion/shapes, docs/SHAPES.md): the release's sampling settings (DDIM 20 steps,
+    eta 1, CFG 5) and fusion ranges on a toy SD 2.1, scored by the exact shapes reward, fp32 on CPU.
+
+    Per epoch: 4 prompts x 8 samples = 32 images; per prompt the best 2 are references (each used
+    twice) and the lower 4 bases, so 4 (reference, base) pairs and 16 targets; DPO on the 16
+    (target, base) pairs, 20 steps each, twice (num_inner_epochs). About a minute per epoch on 2 cores.
+    """
+    config.pretrained.model = "assets/shapes"
+    config.eval.reward = "shapes"
+    config.eval.inline = True  # the reward is cheap: the sampler scores its own images
+    config.mixed_precision = "no"
+    config.threads = 2
+    config.prompt_file = "config/prompt/shapes_demo.json"  # one prompt of each family, and one more
+    config.item_idx_file = "config/prompt/shapes_item.json"  # the two shape nouns of each prompt
+    config.mask_thr_file = "config/prompt/shapes_mask.json"
+    config.fusion.mask_resolution = 8  # the toy UNet's 8x8 layers: SD 2.1's 16x16 at a 16x16 latent
+    config.fusion.batch_size = 16
+    config.sample.batch_size = 8
+    config.sample.num_batches_per_epoch = 1
+    config.train.num_epochs = 4
+    config.train.save_interval = 1
+    config.heldout.prompt_file = "config/prompt/shapes_test.json"
+    config.heldout.images_per_prompt = 4
+    config.heldout.batch_size = 16
+    config.report.each_epoch = True  # data/<exp_name>/report/index.html after every epoch
+    config.report.thumbnail = 96
     return config

@@ -17,7 +17,7 @@ from d_fusion import distributed
 from d_fusion.datadir import ExperimentDir, read_image
 from d_fusion.errors import UserError
 from d_fusion.logs import setup_logging
-from d_fusion.scoring import load_scorer_from_config
+from d_fusion.scoring import check_reward, load_scorer_from_config
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +110,11 @@ def wait_for_folder(folder, poll_interval, exp_name):
         time.sleep(poll_interval)
 
 
-def check_eval_config(config):
-    """Scoring settings that cannot work fail at start-up."""
+def check_eval_config(config, prompts=()):
+    """Scoring settings that cannot work, and prompts the reward cannot score, fail at start-up."""
     if config.eval.batch_size < 1 or config.eval.poll_interval <= 0:
         raise UserError("config.eval.batch_size must be >= 1 and config.eval.poll_interval > 0")
+    check_reward(config, prompts)
 
 
 def run_scorer(config):

@@ -78,7 +78,7 @@ def run_experiment(config):
         setup_logging(level=logging.WARNING)
     prompts = load_prompts(config)
     objects = check_fusion_inputs(config, prompts)  # bad fusion inputs fail here, before any work
-    check_eval_config(config)
+    check_eval_config(config, prompts)
     if config.use_lora:
         check_training_inputs(config)  # likewise training settings and resume_from
     samples = epoch_samples(prompts, config.sample.batch_size, config.sample.num_batches_per_epoch)

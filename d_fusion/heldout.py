@@ -1,9 +1,9 @@
-"""Held-out evaluation: CLIP scores of the base model and of LoRA checkpoints on a prompt file, same seeds.
+"""Held-out evaluation: scores (`config.eval.reward`) of the base model and of LoRA checkpoints on a prompt file, same seeds.
 
 Image j of the evaluation (prompts in file order, `heldout.images_per_prompt` images each) is drawn
 by a generator seeded `seed + j` for every model, so the base model and each checkpoint are
 compared image by image on the same noise. Images are sampled with the experiment's DDIM settings
-and scored with its CLIP scorer. Each model's images, scores and settings land under
+and scored with its reward. Each model's images, scores and settings land under
 data/<exp_name>/heldout/<prompt set>/<model>/; a model evaluated before with the same settings is
 reused, so evaluating a new checkpoint does not sample the base model again.
 """
@@ -21,7 +21,7 @@ from d_fusion.logs import setup_logging
 from d_fusion.models import load_models_from_config
 from d_fusion.prompts import epoch_samples, read_prompt_file
 from d_fusion.sampling import decode_images, encode_prompts, sample_generators, sample_trajectories
-from d_fusion.scoring import load_scorer_from_config
+from d_fusion.scoring import check_reward, load_scorer_from_config, reward_settings
 from d_fusion.training import add_lora
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class HeldoutEvaluator:
             eta=sample.eta,
             guidance_scale=sample.guidance_scale,
             cfg=sample.cfg,
-            scorer=[config.eval.model, config.eval.pretrained],
+            scorer=reward_settings(config),
         )
 
     def use_weights(self, checkpoint):
@@ -104,7 +104,7 @@ class HeldoutEvaluator:
         load_lora(unet, checkpoint.lora_weights)
 
     def evaluate(self, model_dir, checkpoint):
-        """The CLIP score of every held-out image of a model (image order), reused when its settings match."""
+        """The score (config.eval.reward) of every held-out image of a model (image order), reused when its settings match."""
         settings = self.settings(checkpoint)
         if model_dir.read_settings() == settings:
             log.info("%s: reusing its held-out results in %s", model_dir.name, model_dir.root)
@@ -203,6 +203,7 @@ def run_heldout(config):
     check_heldout_config(config)
     experiment = ExperimentDir(config.save_path, config.exp_name)
     prompts = read_prompt_file(config.heldout.prompt_file)
+    check_reward(config, prompts)
     checkpoints = checkpoints_to_evaluate(config.heldout.checkpoint)
     results = experiment.heldout(prompt_set_name(config.heldout.prompt_file))
     evaluator = HeldoutEvaluator(config, prompts)

@@ -1,4 +1,12 @@
-"""The CLIP score of an image and its prompt (SPEC section 5): open_clip, cosine of normalised embeddings.
+"""Rewards: what scores an image against its prompt (SPEC section 5).
+
+`config.eval.reward` names the reward, a class in `REWARDS` with
+- `from_config(config)`: the loaded scorer;
+- `check_prompts(prompts)`: a UserError at start-up, before any work, for prompts it cannot score;
+- `score(images, prompts) -> [float]`: PIL images, one prompt each, scores in image order.
+
+- `clip` (default): the release's CLIP score, open_clip, cosine of normalised embeddings;
+- `shapes`: the exact alignment reward of the shapes world (`d_fusion.shapes.reward`).
 
 The release scores with `ViT-H-14` / `laion2B-s32B-b79K`. `config.eval.model` may also be an open_clip
 folder (`open_clip_config.json` + weights, as the tiny scorer is saved), an `hf-hub:` id, or an
@@ -14,11 +22,14 @@ import torch
 from d_fusion import distributed
 from d_fusion.errors import UserError
 from d_fusion.models import resolve_device
+from d_fusion.shapes.reward import ShapesReward
 
 log = logging.getLogger(__name__)
 
 
 class ClipScorer:
+    name = "clip"
+
     def __init__(self, model, preprocess, tokenizer, device):
         self.model = model.eval().requires_grad_(False)
         self.preprocess = preprocess  # PIL image -> (3, S, S) normalised tensor
@@ -36,6 +47,18 @@ class ClipScorer:
         """Prompts -> (B, D) unit vectors."""
         tokens = self.tokenizer(list(prompts)).to(self.device)  # (B, context_length)
         return torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+    @classmethod
+    def from_config(cls, config):
+        if config.pretrained.tiny:
+            from d_fusion.tiny import build_missing
+
+            build_missing(config.eval.model)
+        return load_scorer(config.eval.model, config.eval.pretrained, distributed.device_id(config.dev_id))
+
+    @staticmethod
+    def check_prompts(prompts):
+        """Any text can be scored."""
 
     def score(self, images, prompts):
         """CLIP score of each image against its own prompt, in order: a list of floats in [-1, 1]."""
@@ -80,9 +103,27 @@ def load_scorer(model, pretrained="", dev_id=0):
     return ClipScorer(clip, preprocess, tokenizer, device)
 
 
-def load_scorer_from_config(config):
-    if config.pretrained.tiny:
-        from d_fusion.tiny import build_missing
+REWARDS = {"clip": ClipScorer, "shapes": ShapesReward}
 
-        build_missing(config.eval.model)
-    return load_scorer(config.eval.model, config.eval.pretrained, distributed.device_id(config.dev_id))
+
+def reward_class(config):
+    if config.eval.reward not in REWARDS:
+        raise UserError(f"config.eval.reward = {config.eval.reward!r}; known rewards: {', '.join(REWARDS)}")
+    return REWARDS[config.eval.reward]
+
+
+def check_reward(config, prompts):
+    """An unknown reward, or prompts the reward cannot score, fail at start-up."""
+    reward_class(config).check_prompts(prompts)
+
+
+def reward_settings(config):
+    """What decides the scores (saved with held-out results): the reward and, for CLIP, its model."""
+    if config.eval.reward == "clip":
+        return [config.eval.model, config.eval.pretrained]
+    return [config.eval.reward]
+
+
+def load_scorer_from_config(config):
+    """The scorer `config.eval.reward` names."""
+    return reward_class(config).from_config(config)

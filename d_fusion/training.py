@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 ALGORITHMS = ("dpo", "ddpo")
+PREFERRED = ("target", "reference")  # train.preferred: what DPO prefers over the base
 
 
 # ---------------------------------------------------------------- policy and reference
@@ -164,7 +165,8 @@ def train_timesteps(num_steps, fraction, generator):
 
 @dataclass
 class PreferencePairs:
-    """DPO data: pair k is (preferred[k] = target, dispreferred[k] = base), both of prompt prompt_embeds[k]."""
+    """DPO data: pair k is (preferred[k] = target (or reference), dispreferred[k] = base), both of prompt
+    prompt_embeds[k]."""
 
     preferred: Trajectories  # (K, T+1, C, H, W)
     dispreferred: Trajectories
@@ -220,6 +222,8 @@ def check_train_config(config):
     train = config.train
     if train.algorithm not in ALGORITHMS:
         raise UserError(f"config.train.algorithm = {train.algorithm!r}; use one of {', '.join(ALGORITHMS)}")
+    if train.preferred not in PREFERRED:
+        raise UserError(f"config.train.preferred = {train.preferred!r}; use one of {', '.join(PREFERRED)}")
     if config.sample.eta <= 0:
         raise UserError("config.sample.eta must be > 0 to train: with eta = 0 DDIM steps have no log-probability")
     if not 0 < train.eps < 1:
@@ -399,8 +403,10 @@ def complete_scores(image_set, count):
     return scores
 
 
-def load_pairs(models, epoch_dir):
-    """The epoch's (target, base) pairs, from eval/injected_map.json and both trajectory folders."""
+def load_pairs(models, epoch_dir, preferred="target"):
+    """The epoch's (target, base) pairs, from eval/injected_map.json and both trajectory folders; with
+    preferred = "reference", the (reference, base) pairs instead (the paper's visually inconsistent
+    baseline: an ordinary well-aligned sample preferred over a poorly aligned one)."""
     pairs = epoch_dir.read_injected_map()  # [(base index, reference index)] in target order
     prompts = epoch_dir.injected.published_prompts()
     if not pairs or len(prompts) != len(pairs):
@@ -408,8 +414,12 @@ def load_pairs(models, epoch_dir):
             f"{epoch_dir.root}: {len(prompts)} targets published for {len(pairs)} pairs; "
             "the fusion stage did not finish, rerun to complete it"
         )
+    if preferred == "target":
+        winners = stack_trajectories(epoch_dir.load_injected_trajectory, range(len(pairs)))
+    else:
+        winners = stack_trajectories(epoch_dir.load_trajectory, [reference for _, reference in pairs])
     return PreferencePairs(
-        stack_trajectories(epoch_dir.load_injected_trajectory, range(len(pairs))),
+        winners,
         stack_trajectories(epoch_dir.load_trajectory, [base for base, _ in pairs]),
         embed_prompts(models, prompts),
     )
@@ -470,7 +480,8 @@ class TrainingStage:
         """Train on the epoch's pairs (DPO) or scored samples (DDPO), record the metrics, checkpoint."""
         epoch_dir, trainer = self.experiment.epoch(epoch), self.trainer
         if self.config.train.algorithm == "dpo":
-            metrics = trainer.train_pairs(load_pairs(trainer.models, epoch_dir), epoch)
+            pairs = load_pairs(trainer.models, epoch_dir, self.config.train.preferred)
+            metrics = trainer.train_pairs(pairs, epoch)
         else:
             samples = load_scored_samples(trainer, epoch_dir)
             metrics = trainer.train_samples(samples, epoch)
