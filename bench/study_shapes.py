@@ -1,6 +1,6 @@
 """The paper's comparison in miniature, on the shapes world.
 
-    python bench/study_shapes.py [--seeds 0,1,2] [--epochs 4] [--out data/study_shapes]
+    python bench/study_shapes.py [--seeds 0,1,2] [--epochs 2] [--out data/study_shapes]
 
 For each seed, three runs start from the shipped model (assets/shapes) with the `shapes` config
 on a subset of config/prompt/shapes_train.json (every 7th prompt: 12 prompts, all 6 object pairs,
@@ -60,6 +60,8 @@ def study_config(args, seed, method):
     config.train.num_epochs = args.epochs
     config.train.save_interval = args.epochs
     config.train.learning_rate = args.learning_rate
+    config.train.timestep_fraction = args.timestep_fraction
+    config.train.num_inner_epochs = args.inner_epochs
     config.train.algorithm = METHODS[method]["algorithm"]
     config.train.preferred = METHODS[method]["preferred"]
     config.fusion.mask_images = "last"
@@ -200,12 +202,14 @@ def markdown(study):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--learning-rate", type=float, default=5e-4)
+    parser.add_argument("--timestep-fraction", type=float, default=0.25, help="train.timestep_fraction")
+    parser.add_argument("--inner-epochs", type=int, default=1, help="train.num_inner_epochs")
     parser.add_argument("--images-per-prompt", type=int, default=4, help="held-out images per test prompt")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", default="data/study_shapes")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
     torch.set_num_threads(args.threads)

@@ -177,8 +177,9 @@ def tiny(config):
 
 
 def shapes(config):
-    """The shapes demo (d_fusion/shapes, docs/SHAPES.md): the release's sampling settings (DDIM 20 steps,
-    eta 1, CFG 5) and fusion ranges on a toy SD 2.1, scored by the exact shapes reward, fp32 on CPU.
+    """The shapes demo (d_fusion/shapes, README "The shapes world"): the release's sampling settings
+    (DDIM 20 steps, eta 1, CFG 5) and fusion ranges on a toy SD 2.1, scored by the exact shapes
+    reward, fp32 on the CPU.
 
     Per epoch: 4 prompts x 8 samples = 32 images; per prompt the best 2 are references (each used
     twice) and the lower 4 bases, so 4 (reference, base) pairs and 16 targets; DPO on the 16

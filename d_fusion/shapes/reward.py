@@ -9,7 +9,8 @@
      blend line (sigma_c = 45);
    - shape confidence   for each shape s, the shape drawn (`world.coverage`) with the region's area
      and coverage-weighted centre (the best of a few sizes and heights around that), and its soft
-     IoU_s = sum min(a, t_s) / sum max(a, t_s) with the region: L_s = exp(-(1 - IoU_s)^2 / 2 sigma_s^2) (sigma_s = 0.05), p_s = L_s / (sum L + e^-4.5)
+     IoU_s = sum min(a, t_s) / sum max(a, t_s) with the region;
+     L_s = exp(-(1 - IoU_s)^2 / 2 sigma_s^2) (sigma_s = 0.05), p_s = L_s / (sum L + e^-4.5)
      (no shape fits a blob);
    - size confidence    1 when the side the shape has at that area lies in the size word's range
      (world.SIDES: small 6-8 px, big 13-15), falling off outside it as exp(-e^2 / 2 sigma^2),

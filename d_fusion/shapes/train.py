@@ -18,6 +18,19 @@ The UNet learns the usual epsilon objective (Ho et al. 2020, eq. 14) with min-SN
 (Hang et al. 2023), captions dropped to "" 10% of the time for classifier-free guidance, and an
 exponential moving average of its weights (and the text encoder's), which is what is saved.
 
+Trained so for `--steps`, a small model draws well but attends almost uniformly over the 77
+tokens (each ~1/77 everywhere), so no object mask can be read from its cross-attention. The last
+`--ground-steps` add token-level grounding losses in the manner of TokenCompose (Wang et al.,
+CVPR 2024), from the drawings' own object masks m_k: at the 16x16 and 8x8 cross-attention layers,
+with A_k the head-averaged attention probability of object k's shape noun over the query grid,
+
+    L_token = 1 - sum_q A_k(q) m_k(q) / sum_q A_k(q)     (the token's attention falls on its object)
+    L_pixel = BCE(A_k(q), [m_k(q) > 1/2])                 (and dominates the object's pixels)
+
+weighted by `--ground-weight` and added to the epsilon loss. This is what SD's web-scale training
+gives for free: cross-attention maps that cover their objects (SPEC section 6 reads its masks from
+them).
+
 Seeded and resumable: the state is saved to OUT.work/ every `--save-every` steps and a rerun
 continues from it; the data are redrawn from the seed. About 45 minutes on 2 CPU cores.
 """
@@ -97,16 +110,20 @@ def build_unet():
 # --- data ------------------------------------------------------------------------------------------
 
 def draw_dataset(num_images, seed):
-    """(images (N, 3, 32, 32) uint8, captions): random drawings of random `pretrain` scenes."""
+    """Random drawings of random `pretrain` scenes: (images (N, 3, 32, 32) uint8, captions,
+    object masks (N, 2, 32, 32) uint8 (each object's coverage x 255, first and second thing))."""
     rng = random.Random(seed)
     scenes = world.split_scenes("pretrain")
-    images, captions = np.empty((num_images, 3, world.IMAGE_SIZE, world.IMAGE_SIZE), np.uint8), []
+    side = world.IMAGE_SIZE
+    images, masks, captions = np.empty((num_images, 3, side, side), np.uint8), np.empty((num_images, 2, side, side), np.uint8), []
     for i in tqdm(range(num_images), desc="drawing", leave=False):
         scene = rng.choice(scenes)
-        image, _ = world.render(scene, rng)
+        image, placed = world.render(scene, rng)
         images[i] = np.asarray(image).transpose(2, 0, 1)
+        for k, p in enumerate(placed):
+            masks[i, k] = np.round(255 * world.coverage(p.thing.shape, p.cx, p.cy, p.side))
         captions.append(world.caption(scene))
-    return torch.from_numpy(images), captions
+    return torch.from_numpy(images), captions, torch.from_numpy(masks)
 
 
 def to_pixels(images_uint8):
@@ -128,7 +145,8 @@ def load_state(path):
 def cosine_lr(step, total, peak, warmup=200):
     if step < warmup:
         return peak * (step + 1) / warmup
-    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))  # the grounding steps stay at the floor
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
 # --- stage 1: the autoencoder ---------------------------------------------------------------------
@@ -159,7 +177,8 @@ def train_vae(vae, images, work, args):
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % args.save_every == 0 or step == args.vae_steps:
-            save_state(path, dict(vae=vae.state_dict(), optimizer=optimizer.state_dict(), step=step, rng=torch.get_rng_state()))
+            state = dict(vae=vae.state_dict(), optimizer=optimizer.state_dict(), step=step, rng=torch.get_rng_state())
+            save_state(path, state)
     bar.close()
     vae.eval().requires_grad_(False)
 
@@ -183,8 +202,56 @@ def ema_update(ema, model, decay):
             e.lerp_(p, 1 - decay)
 
 
-def train_denoiser(text_encoder, unet, tokenizer, latents, captions, work, args):
-    """Returns the EMA copies of the text encoder and the UNet."""
+class GroundedCrossAttention:
+    """Plain cross-attention, softmax(Q K^T / sqrt(d)) V, that keeps its head-averaged probabilities."""
+
+    def __init__(self, maps):
+        self.maps = maps  # the training step's list of (B, Q, 77) maps, in call order
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))  # (B * heads, Q, d)
+        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))  # (B * heads, 77, d)
+        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probs = attn.get_attention_scores(query, key, None)  # (B * heads, Q, 77)
+        self.maps.append(probs.unflatten(0, (-1, attn.heads)).mean(dim=1))  # (B, Q, 77)
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))  # (B, Q, heads * d)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+GROUND_GRIDS = (16, 8)  # the query grids whose cross-attention is grounded (8: the mask layers)
+
+
+def grounding_loss(maps, object_masks, object_tokens, rows):
+    """TokenCompose-style L_token + L_pixel, averaged over the grounded layers, objects and `rows`.
+
+    maps: the step's (B, Q, 77) cross-attention maps; object_masks: (B, 2, 32, 32) coverage in
+    [0, 1]; object_tokens: (B, 2) token positions of the shape nouns; rows: (B,) bool, captioned.
+    """
+    losses = []
+    for probs in maps:
+        grid = int(round(probs.shape[1] ** 0.5))
+        if grid not in GROUND_GRIDS:
+            continue
+        m = F.adaptive_avg_pool2d(object_masks, grid).flatten(2)  # (B, 2, Q)
+        a = torch.gather(probs.transpose(1, 2), 1, object_tokens[..., None].expand(-1, -1, probs.shape[1]))  # (B, 2, Q)
+        token = 1 - (a * m).sum(-1) / a.sum(-1).clamp_min(1e-8)  # (B, 2)
+        pixel = F.binary_cross_entropy(a.clamp(1e-6, 1 - 1e-6), (m > 0.5).float(), reduction="none").mean(-1)
+        losses.append((token + pixel)[rows].mean())
+    return torch.stack(losses).mean()
+
+
+def set_grounding(unet, maps):
+    """GroundedCrossAttention on every cross-attention layer, diffusers' default elsewhere."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet.set_attn_processor({
+        name: GroundedCrossAttention(maps) if name.endswith("attn2.processor") else AttnProcessor2_0()
+        for name in unet.attn_processors
+    })
+
+
+def train_denoiser(text_encoder, unet, tokenizer, latents, captions, object_masks, work, args):
+    """Returns the EMA copies of the text encoder and the UNet (with diffusers' default processors)."""
     path = os.path.join(work, "denoiser.pt")
     scheduler = DDIMScheduler(**SD_SCHEDULER)
     alphas = scheduler.alphas_cumprod  # (1000,)
@@ -194,6 +261,7 @@ def train_denoiser(text_encoder, unet, tokenizer, latents, captions, work, args)
     vocabulary = sorted(set(captions)) + [""]
     ids = tokenizer(vocabulary, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     caption_index = torch.tensor([vocabulary.index(c) for c in captions])  # (N,)
+    nouns = torch.tensor([[p + 1 for p in world.item_positions(c)] for c in captions])  # (N, 2) token positions
     empty = len(vocabulary) - 1
     mean, std = latents
 
@@ -212,30 +280,42 @@ def train_denoiser(text_encoder, unet, tokenizer, latents, captions, work, args)
         torch.manual_seed(args.seed + 1)
     text_encoder.train()
     unet.train()
-    bar = tqdm(total=args.steps, initial=step, desc="unet")
-    while step < args.steps:
+    maps = []
+    total = args.steps + args.ground_steps
+    bar = tqdm(total=total, initial=step, desc="unet")
+    while step < total:
+        grounding = step >= args.steps
+        if grounding and not maps:
+            set_grounding(unet, maps)
+        maps.clear()
         rows = torch.randint(len(captions), (args.batch_size,))
         x0 = (mean[rows] + std[rows] * torch.randn_like(std[rows])) * args.scaling_factor  # (B, 4, 16, 16)
-        tokens = caption_index[rows].masked_fill(torch.rand(args.batch_size) < 0.1, empty)
+        dropped = torch.rand(args.batch_size) < 0.1
+        tokens = caption_index[rows].masked_fill(dropped, empty)
         timesteps = torch.randint(0, 1000, (args.batch_size,))
         noise = torch.randn_like(x0)
         noisy = scheduler.add_noise(x0, noise, timesteps)
         embeds = text_encoder(ids[tokens])[0]  # (B, 77, 64)
         prediction = unet(noisy, timesteps, encoder_hidden_states=embeds).sample
         loss = (loss_weight[timesteps] * (prediction - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        shown = dict(loss=f"{loss.item():.4f}")
+        if grounding:
+            ground = grounding_loss(maps, object_masks[rows].float() / 255, nouns[rows], ~dropped)
+            loss = loss + args.ground_weight * ground
+            shown["ground"] = f"{ground.item():.3f}"
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, args.steps, args.lr)
+            group["lr"] = args.ground_lr if grounding else cosine_lr(step, args.steps, args.lr)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
+        decay = args.ground_ema if grounding else min(args.ema, (1 + step) / (10 + step))
         ema_update(ema_text, text_encoder, decay)
         ema_update(ema_unet, unet, decay)
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % args.save_every == 0 or step == args.steps:
+        bar.set_postfix(shown)
+        if step % args.save_every == 0 or step == total:
             save_state(path, dict(
                 text=text_encoder.state_dict(), unet=unet.state_dict(), ema_text=ema_text.state_dict(),
                 ema_unet=ema_unet.state_dict(), optimizer=optimizer.state_dict(), step=step, rng=torch.get_rng_state(),
@@ -267,10 +347,14 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images", type=int, default=60000, help="drawings in the training set")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--vae-lr", type=float, default=2e-3)
-    parser.add_argument("--steps", type=int, default=5000, help="UNet and text encoder steps")
+    parser.add_argument("--steps", type=int, default=3000, help="UNet and text encoder steps before grounding")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--ground-steps", type=int, default=800, help="last steps, with the grounding losses")
+    parser.add_argument("--ground-weight", type=float, default=0.1)
+    parser.add_argument("--ground-lr", type=float, default=3e-4)
+    parser.add_argument("--ground-ema", type=float, default=0.995, help="EMA decay in the grounding steps")
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=2)
@@ -280,7 +364,7 @@ def main():
     os.makedirs(work, exist_ok=True)
     started = time.time()
 
-    images, captions = draw_dataset(args.images, args.seed)
+    images, captions, object_masks = draw_dataset(args.images, args.seed)
     with tempfile_dir(work) as scratch:
         tokenizer = build_tokenizer(scratch)
     torch.manual_seed(args.seed)
@@ -288,7 +372,7 @@ def main():
     train_vae(vae, images, work, args)
     mean, std = encode_dataset(vae, images)
     args.scaling_factor = float(1.0 / mean.std())
-    ema_text, ema_unet = train_denoiser(text_encoder, unet, tokenizer, (mean, std), captions, work, args)
+    ema_text, ema_unet = train_denoiser(text_encoder, unet, tokenizer, (mean, std), captions, object_masks, work, args)
     save_model(args.out, vae, ema_text, tokenizer, ema_unet, args.scaling_factor)
     with open(os.path.join(args.out, "training.json"), "w") as f:
         json.dump(dict(vars(args), minutes=round((time.time() - started) / 60, 1)), f, indent=1)
