@@ -119,7 +119,7 @@ def read_json(path, what="file"):
     try:
         with open(path) as f:
             return json.load(f)
-    except json.JSONDecodeError as error:
+    except ValueError as error:  # json.JSONDecodeError, or UnicodeDecodeError for binary garbage
         raise UserError(f"{what} {path} is corrupt or half-written ({error}); move it aside and rerun") from None
     except FileNotFoundError:
         raise UserError(f"{what} {path} does not exist") from None
@@ -493,7 +493,7 @@ class ExperimentDir:
         with open(self.metrics_file) as f:
             try:
                 return [json.loads(line) for line in f if line.strip()]
-            except json.JSONDecodeError as error:
+            except ValueError as error:  # json.JSONDecodeError, or UnicodeDecodeError for binary garbage
                 raise UserError(f"metrics file {self.metrics_file} is corrupt ({error}); move it aside") from None
 
     @property

@@ -47,3 +47,15 @@ def test_a_corrupt_metrics_file_stops_training_records_without_losing_it(tmp_pat
     with pytest.raises(UserError, match="metrics.jsonl is corrupt"):
         experiment.record_metrics({"epoch": 3, "loss": 0.4})
     assert open(experiment.metrics_file).read() == before
+
+
+def test_binary_garbage_is_the_same_damaged_file_error_as_truncated_json(tmp_path):
+    (tmp_path / "prompt.json").write_bytes(b"\xff\xfe\x00\x81garbage")
+    with pytest.raises(UserError, match="prompt.json is corrupt or half-written"):
+        read_json(str(tmp_path / "prompt.json"), "prompt list")
+    experiment = ExperimentDir(str(tmp_path), "x")
+    os.makedirs(experiment.root)
+    with open(experiment.metrics_file, "wb") as f:
+        f.write(b'{"epoch": 0}\n\xff\xfe\x81\n')
+    with pytest.raises(UserError, match="metrics.jsonl is corrupt"):
+        experiment.read_metrics()
