@@ -60,6 +60,19 @@ from safetensors.torch import load_file, save_file
 from d_fusion.errors import UserError
 
 
+def _umask():
+    """The process's umask (os.umask can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path, mode):
+    """Give a scratch file or folder (tempfile makes them 0600 / 0700) the mode `mode` less the umask, as
+    open() and os.mkdir() would: a published file is as readable as any other program's."""
+    os.chmod(path, mode & ~_umask())
+
+
 def _atomic(path, write):
     """Call write(tmp_path), then rename tmp_path to path."""
     folder = os.path.dirname(path) or "."
@@ -68,6 +81,7 @@ def _atomic(path, write):
     os.close(fd)
     try:
         write(tmp)
+        _publish_mode(tmp, 0o666)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -82,6 +96,7 @@ def atomic_folder(path):
     scratch = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
     try:
         yield scratch
+        _publish_mode(scratch, 0o777)
         old = None
         if os.path.isdir(path):  # keep the old folder until the new one is in place
             old = tempfile.mkdtemp(prefix=".old-", dir=parent)

@@ -1,11 +1,12 @@
 """The data directory's file formats: atomic writes, and corrupt files named, never overwritten."""
 
 import os
+import stat
 
 import pytest
 import torch
 
-from d_fusion.datadir import ExperimentDir, read_json, read_tensors, write_json, write_tensors
+from d_fusion.datadir import ExperimentDir, atomic_folder, read_json, read_tensors, write_json, write_tensors
 from d_fusion.errors import UserError
 
 
@@ -59,3 +60,22 @@ def test_binary_garbage_is_the_same_damaged_file_error_as_truncated_json(tmp_pat
         f.write(b'{"epoch": 0}\n\xff\xfe\x81\n')
     with pytest.raises(UserError, match="metrics.jsonl is corrupt"):
         experiment.read_metrics()
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_published_files_and_folders_follow_the_umask(tmp_path, umask_022):
+    write_json(str(tmp_path / "a.json"), {"x": 1})
+    write_tensors(str(tmp_path / "t.safetensors"), {"x": torch.ones(2)})
+    with atomic_folder(str(tmp_path / "checkpoint_0")) as scratch:
+        write_json(os.path.join(scratch, "state.json"), {})
+    modes = {name: stat.S_IMODE(os.stat(tmp_path / name).st_mode) for name in os.listdir(tmp_path)}
+    assert modes == {"a.json": 0o644, "t.safetensors": 0o644, "checkpoint_0": 0o755}
+    os.umask(0o077)
+    write_json(str(tmp_path / "private.json"), {})
+    assert stat.S_IMODE(os.stat(tmp_path / "private.json").st_mode) == 0o600
