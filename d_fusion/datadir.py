@@ -2,6 +2,7 @@
 
     data/<exp_name>/
         run.log                       the sampler's log
+        sampler.lock, scorer.lock     held (fcntl.flock) by the running run_sample.py / run_eval.py
         finished.json                 written by the sampler when its last epoch is done
         metrics.jsonl                 one JSON line of training metrics per trained epoch
         tensorboard/                  the same metrics for tensorboard (train.tensorboard)
@@ -46,6 +47,7 @@ Scores are written the same way, in index order, after each scored batch.
 
 import contextlib
 import csv
+import fcntl
 import io
 import json
 import math
@@ -106,6 +108,45 @@ def atomic_folder(path):
             shutil.rmtree(old)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path, refusal):
+    """Hold an exclusive lock on the file `path` for the block (fcntl.flock: the OS releases it when the
+    process ends, even by kill -9). The file keeps the holder's pid. When another process holds it,
+    UserError(refusal(pid)) at once, with pid the holder's ("?" when it cannot be read)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(refusal(_lock_holder(fd))) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _lock_holder(fd):
+    """The pid written in a lock file by its holder, or "?"."""
+    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return text if text.isdigit() else "?"
+
+
+def is_locked(path):
+    """Whether a process holds the exclusive lock on `path` now."""
+    if not os.path.exists(path):
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def write_json(path, data):
@@ -452,6 +493,10 @@ class ReportDir:
         return os.path.join(self.root, f"epoch{k}", f"overlay_{image_name(target)}")
 
 
+# the processes that hold an experiment's lock: {role: the script that runs as it}
+LOCK_ROLES = {"sampler": "run_sample.py", "scorer": "run_eval.py"}
+
+
 class ExperimentDir:
     def __init__(self, save_path, exp_name):
         if not exp_name:
@@ -461,6 +506,26 @@ class ExperimentDir:
     @property
     def log_file(self):
         return os.path.join(self.root, "run.log")
+
+    def lock_file(self, role):
+        return os.path.join(self.root, f"{role}.lock")
+
+    def hold(self, role):
+        """Context manager: this process is the experiment's only `role` ("sampler" or "scorer") while in it;
+        a second one is refused at once, with the pid of the first."""
+        script = LOCK_ROLES[role]
+
+        def refusal(pid):
+            return (
+                f"process {pid} already runs as the {role} ({script}) of {self.root}: it holds "
+                f"{self.lock_file(role)}. Wait for it to end, stop it, or use another exp_name"
+            )
+
+        return exclusive_lock(self.lock_file(role), refusal)
+
+    def in_use(self, role):
+        """Whether a process runs as the experiment's `role` now."""
+        return is_locked(self.lock_file(role))
 
     @property
     def finished_file(self):

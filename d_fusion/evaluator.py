@@ -8,7 +8,6 @@ with the same code, otherwise it waits for run_eval.py.
 """
 
 import logging
-import os
 import time
 
 from tqdm.auto import tqdm
@@ -103,13 +102,6 @@ def score_pending(scorer, experiment, batch_size, batch_delay=0.0):
     )
 
 
-def wait_for_folder(folder, poll_interval, exp_name):
-    if not os.path.isdir(folder):
-        log.info("waiting for %s to appear: start run_sample.py with --config.exp_name %s", folder, exp_name)
-    while not os.path.isdir(folder):
-        time.sleep(poll_interval)
-
-
 def check_eval_config(config, prompts=()):
     """Scoring settings that cannot work, and prompts the reward cannot score, fail at start-up."""
     if config.eval.batch_size < 1 or config.eval.poll_interval <= 0:
@@ -118,14 +110,22 @@ def check_eval_config(config, prompts=()):
 
 
 def run_scorer(config):
-    """run_eval.py: score every new image of the experiment until Ctrl-C (or, if asked, until it is finished)."""
+    """run_eval.py: score every new image of the experiment until Ctrl-C (or, if asked, until it is finished),
+    as its only scorer."""
     check_eval_config(config)
-    setup_logging()
     experiment = ExperimentDir(config.save_path, config.exp_name)
+    with experiment.hold("scorer"):
+        setup_logging()
+        watch(config, experiment)
+
+
+def watch(config, experiment):
+    """Score new images until Ctrl-C, or until the sampler has finished (eval.exit_when_finished)."""
     ev = config.eval
     try:
         scorer = load_scorer_from_config(config)
-        wait_for_folder(experiment.root, ev.poll_interval, config.exp_name)
+        if not experiment.epochs():
+            log.info("no samples in %s yet: start run_sample.py with --config.exp_name %s", experiment.root, config.exp_name)
         log.info("watching %s for new images (Ctrl-C stops)", experiment.root)
         while True:
             finished = experiment.is_finished()  # read before the pass: everything published by then is scored

@@ -4,6 +4,7 @@ Each stage's outputs are published under data/<exp_name>/epoch<k>/ as they are m
 run reuses what is published and goes on from there.
 """
 
+import contextlib
 import logging
 
 from tqdm.auto import tqdm
@@ -71,7 +72,13 @@ def sample_batch(config, models, epoch_dir, epoch, samples, negative_embeds, sta
 
 
 def run_experiment(config):
+    """run_sample.py: the epoch loop, as the experiment's only sampler (its lock held by the main process)."""
     experiment = ExperimentDir(config.save_path, config.exp_name)
+    with experiment.hold("sampler") if distributed.is_main() else contextlib.nullcontext():
+        run_epochs(config, experiment)
+
+
+def run_epochs(config, experiment):
     if distributed.is_main():
         setup_logging(experiment.log_file)
     else:  # the other processes of an `accelerate launch` run: warnings only, on the terminal

@@ -2,12 +2,16 @@
 
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from d_fusion.datadir import ExperimentDir, atomic_folder, read_json, read_tensors, write_json, write_tensors
 from d_fusion.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_atomic_writes_leave_only_the_finished_file(tmp_path):
@@ -79,3 +83,43 @@ def test_published_files_and_folders_follow_the_umask(tmp_path, umask_022):
     os.umask(0o077)
     write_json(str(tmp_path / "private.json"), {})
     assert stat.S_IMODE(os.stat(tmp_path / "private.json").st_mode) == 0o600
+
+
+def test_a_second_holder_of_a_role_is_refused_with_the_first_ones_pid(tmp_path):
+    experiment = ExperimentDir(str(tmp_path), "x")
+    with experiment.hold("sampler"):
+        assert experiment.in_use("sampler") and not experiment.in_use("scorer")
+        with pytest.raises(UserError, match=f"process {os.getpid()} already runs as the sampler \\(run_sample.py\\)"):
+            with experiment.hold("sampler"):
+                pass
+        with experiment.hold("scorer"):  # the other role is free
+            assert experiment.in_use("scorer")
+    assert not experiment.in_use("sampler")
+    with experiment.hold("sampler"):  # released at the end of the block
+        pass
+
+
+def test_a_killed_holder_releases_the_lock(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_SAMPLER, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        experiment = ExperimentDir(str(tmp_path), "x")
+        with pytest.raises(UserError, match=f"process {holder.pid} already runs as the sampler"):
+            with experiment.hold("sampler"):
+                pass
+    finally:
+        holder.kill()  # kill -9: no clean-up runs in the holder
+        holder.wait()
+    with experiment.hold("sampler"):
+        assert experiment.in_use("sampler")
+
+
+HOLD_SAMPLER = """
+import sys, time
+from d_fusion.datadir import ExperimentDir
+with ExperimentDir(sys.argv[1], "x").hold("sampler"):
+    print("held", flush=True)
+    time.sleep(120)
+"""

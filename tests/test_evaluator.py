@@ -179,3 +179,14 @@ def test_run_eval_waits_for_the_experiment_and_exits_when_it_is_finished(tmp_pat
     watcher.join(timeout=60)
     assert not watcher.is_alive()
     assert [len(experiment.epoch(k).sampled.read_scores()) for k in (0, 1)] == [8, 8]
+
+
+def test_a_second_scorer_is_refused_at_once(tmp_path, monkeypatch):
+    loads = []
+    monkeypatch.setattr(evaluator, "load_scorer_from_config", lambda config: loads.append(1))
+    config = experiment_config(inline=False)
+    config.save_path = str(tmp_path)
+    with ExperimentDir(str(tmp_path), "test").hold("scorer"):
+        with pytest.raises(UserError, match=f"process {os.getpid()} already runs as the scorer \\(run_eval.py\\)"):
+            run_scorer(config)
+    assert loads == []

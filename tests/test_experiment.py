@@ -8,6 +8,7 @@ from PIL import Image
 
 import d_fusion.experiment as experiment
 from d_fusion.datadir import ExperimentDir
+from d_fusion.errors import UserError
 from d_fusion.models import load_models_from_config
 from d_fusion.prompts import epoch_samples, load_prompts
 from d_fusion.sampling import encode_prompts
@@ -66,3 +67,23 @@ def test_tiny_config_builds_its_model_on_first_use(tiny_config, tmp_path):
     tiny_config.pretrained.model = tiny_config.tiny_cache + "/sd"
     models = load_models_from_config(tiny_config)
     assert os.path.isdir(tiny_config.pretrained.model) and models.resolution == 128
+
+
+class ModelsWouldLoad(Exception):
+    """Raised in place of loading the models: the run got past its start-up checks."""
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    def refuse(config):
+        raise ModelsWouldLoad
+
+    monkeypatch.setattr(experiment, "load_models_from_config", refuse)
+
+
+def test_a_second_sampler_stops_at_once_naming_the_first(tiny_config, no_models):
+    with ExperimentDir(tiny_config.save_path, tiny_config.exp_name).hold("sampler"):
+        with pytest.raises(UserError, match=f"process {os.getpid()} already runs as the sampler \\(run_sample.py\\)"):
+            experiment.run_experiment(tiny_config)
+    with pytest.raises(ModelsWouldLoad):  # the lock went with the first sampler
+        experiment.run_experiment(tiny_config)
