@@ -1,7 +1,8 @@
 """The experiment's data directory: the one place that knows every path and file format.
 
     data/<exp_name>/
-        run.log                       the sampler's log
+        run.log                       the sampler's log (with the fatal error of a failed run)
+        eval.log                      run_eval.py's log
         sampler.lock, scorer.lock     held (fcntl.flock) by the running run_sample.py / run_eval.py
         finished.json                 written by the sampler when its last epoch is done
         metrics.jsonl                 one JSON line of training metrics per trained epoch
@@ -506,6 +507,11 @@ class ExperimentDir:
     @property
     def log_file(self):
         return os.path.join(self.root, "run.log")
+
+    @property
+    def eval_log_file(self):
+        """run_eval.py's log."""
+        return os.path.join(self.root, "eval.log")
 
     def lock_file(self, role):
         return os.path.join(self.root, f"{role}.lock")

@@ -111,11 +111,11 @@ def check_eval_config(config, prompts=()):
 
 def run_scorer(config):
     """run_eval.py: score every new image of the experiment until Ctrl-C (or, if asked, until it is finished),
-    as its only scorer."""
+    as its only scorer; the log goes to data/<exp_name>/eval.log too."""
     check_eval_config(config)
     experiment = ExperimentDir(config.save_path, config.exp_name)
     with experiment.hold("scorer"):
-        setup_logging()
+        setup_logging(experiment.eval_log_file)
         watch(config, experiment)
 
 

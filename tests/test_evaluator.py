@@ -1,6 +1,10 @@
 import logging
 import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -11,6 +15,7 @@ from d_fusion.errors import UserError
 from d_fusion.evaluator import ScoreCollector, run_scorer, score_pending
 from d_fusion.scoring import load_scorer
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a cat playing chess"] * 4 + ["a dog driving a car"] * 4  # 8 images, two prompts
 
 
@@ -179,6 +184,9 @@ def test_run_eval_waits_for_the_experiment_and_exits_when_it_is_finished(tmp_pat
     watcher.join(timeout=60)
     assert not watcher.is_alive()
     assert [len(experiment.epoch(k).sampled.read_scores()) for k in (0, 1)] == [8, 8]
+    with open(experiment.eval_log_file) as f:  # run_eval.py's own log
+        log_text = f.read()
+    assert "watching" in log_text and "epoch 1 images: scored 0-7" in log_text
 
 
 def test_a_second_scorer_is_refused_at_once(tmp_path, monkeypatch):
@@ -190,3 +198,24 @@ def test_a_second_scorer_is_refused_at_once(tmp_path, monkeypatch):
         with pytest.raises(UserError, match=f"process {os.getpid()} already runs as the scorer \\(run_eval.py\\)"):
             run_scorer(config)
     assert loads == []
+
+
+def test_run_eval_logs_to_stdout_and_eval_log_and_a_second_one_stops_at_once(tiny_dir, tmp_path):
+    command = [
+        sys.executable, "run_eval.py", "--config", "config/config.py:tiny", "--config.exp_name", "x",
+        "--config.save_path", str(tmp_path), "--config.eval.model", os.path.join(tiny_dir, "clip"),
+    ]  # fmt: skip
+    eval_log = ExperimentDir(str(tmp_path), "x").eval_log_file
+    first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (os.path.exists(eval_log) and "watching" in open(eval_log).read()):
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert f"process {first.pid} already runs as the scorer (run_eval.py)" in second.stderr
+    finally:
+        first.send_signal(signal.SIGINT)
+        out, err = first.communicate(timeout=60)
+    assert "watching" in out and "watching" not in err  # log lines on stdout, as README's `> log` expects
