@@ -9,6 +9,36 @@ Every field is overridable on the command line as `--config.a.b value`. Variants
 
 import ml_collections
 
+# The settings that may change when an experiment is rerun (same exp_name). The first start records
+# every setting in data/<exp_name>/config.json; a rerun that changes any other setting (they shape the
+# results: seed, sampling, fusion, training, the model and the reward) stops at start-up, listing the
+# changed fields. These only say how long the run goes, how its work is batched, where it runs, and
+# what is watched, logged or reported. "block.*" stands for every field of the block.
+RERUN_MAY_CHANGE = (
+    "train.num_epochs",  # extend a run
+    "resume_from",  # continue from another of the experiment's checkpoints
+    "train.save_interval",
+    "train.num_checkpoint_limit",
+    "train.tensorboard",
+    "train.gradient_checkpointing",  # memory against speed, the same gradients
+    "fusion.batch_size",  # targets per fused pass
+    "fusion.mask_images",  # which mask pictures are saved
+    "eval.inline",  # score in the sampler, or wait for run_eval.py
+    "eval.batch_size",
+    "eval.poll_interval",
+    "eval.no_scorer_timeout",
+    "eval.exit_when_finished",
+    "eval.debug_batch_delay",
+    "heldout.*",  # run_heldout.py's own settings
+    "report.*",
+    "threads",
+    "dev_id",
+    "save_path",  # the experiment's folder was moved
+    "exp_name",
+    "tiny_cache",
+    "pretrained.tiny",
+)
+
 
 def release_config():
     config = ml_collections.ConfigDict()

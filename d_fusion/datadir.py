@@ -3,6 +3,7 @@
     data/<exp_name>/
         run.log                       the sampler's log (with the fatal error of a failed run)
         eval.log                      run_eval.py's log
+        config.json                   the settings, package versions and git commit of the first start
         sampler.lock, scorer.lock     held (fcntl.flock) by the running run_sample.py / run_eval.py
         finished.json                 written by the sampler when its last epoch is done
         metrics.jsonl                 one JSON line of training metrics per trained epoch
@@ -512,6 +513,10 @@ class ExperimentDir:
     def eval_log_file(self):
         """run_eval.py's log."""
         return os.path.join(self.root, "eval.log")
+
+    @property
+    def config_file(self):
+        return os.path.join(self.root, "config.json")
 
     def lock_file(self, role):
         return os.path.join(self.root, f"{role}.lock")

@@ -21,6 +21,7 @@ from d_fusion.models import load_models_from_config
 from d_fusion.prompts import epoch_samples, load_prompts
 from d_fusion.report import update_report
 from d_fusion.sampling import decode_images, encode_prompts, sample_generators, sample_trajectories
+from d_fusion.settings import record_or_compare
 from d_fusion.training import TrainingStage, check_training_inputs
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,15 @@ def run_experiment(config):
         run_epochs(config, experiment)
 
 
+def start_up(config, experiment):
+    """The main process's start: the run's log, the settings recorded or compared."""
+    setup_logging(experiment.log_file)
+    record_or_compare(config, experiment)
+
+
 def run_epochs(config, experiment):
     if distributed.is_main():
-        setup_logging(experiment.log_file)
+        start_up(config, experiment)
     else:  # the other processes of an `accelerate launch` run: warnings only, on the terminal
         setup_logging(level=logging.WARNING)
     prompts = load_prompts(config)

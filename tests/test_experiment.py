@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 import d_fusion.experiment as experiment
-from d_fusion.datadir import ExperimentDir
+from d_fusion.datadir import ExperimentDir, read_json
 from d_fusion.errors import UserError
 from d_fusion.models import load_models_from_config
 from d_fusion.prompts import epoch_samples, load_prompts
@@ -86,4 +86,19 @@ def test_a_second_sampler_stops_at_once_naming_the_first(tiny_config, no_models)
         with pytest.raises(UserError, match=f"process {os.getpid()} already runs as the sampler \\(run_sample.py\\)"):
             experiment.run_experiment(tiny_config)
     with pytest.raises(ModelsWouldLoad):  # the lock went with the first sampler
+        experiment.run_experiment(tiny_config)
+
+
+def test_start_up_records_the_settings_and_a_rerun_that_changes_one_stops(tiny_config, no_models):
+    with pytest.raises(ModelsWouldLoad):
+        experiment.run_experiment(tiny_config)
+    recorded = ExperimentDir(tiny_config.save_path, tiny_config.exp_name).config_file
+    assert read_json(recorded)["config"]["train"]["learning_rate"] == tiny_config.train.learning_rate
+
+    tiny_config.seed, tiny_config.train.learning_rate = 7, 1e-3
+    with pytest.raises(UserError, match=r"seed: 42 -> 7; train.learning_rate: 0.0001 -> 0.001\. Rerun"):
+        experiment.run_experiment(tiny_config)
+    tiny_config.seed, tiny_config.train.learning_rate = 42, 1e-4
+    tiny_config.train.num_epochs, tiny_config.eval.poll_interval, tiny_config.report.each_epoch = 9, 0.5, True
+    with pytest.raises(ModelsWouldLoad):  # settings that may change do not stop it
         experiment.run_experiment(tiny_config)
