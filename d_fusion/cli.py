@@ -4,21 +4,76 @@ Bad input prints one line (`error: ...`) and exits with status 2; an unexpected 
 traceback. Both also end the run's log file (run.log, eval.log) when the run had opened one.
 """
 
+import difflib
+import os
+import re
 import sys
 import traceback
 
 import torch
 from absl import flags
+from ml_collections import ConfigDict
 from ml_collections.config_flags import config_flags
 
 from d_fusion.errors import UserError
 from d_fusion.logs import record_fatal
+from d_fusion.settings import check_settings
 
 DEFAULT_CONFIG = "config/config.py"
 
+_OVERRIDE = re.compile(r"^--?(no)?config\.([^=]+)(=.*)?$")
+
+
+def config_argument(argv):
+    """The value of --config in argv (config.py[:variant]); the default file when absent."""
+    for i, arg in enumerate(argv):
+        if arg.startswith(("--config=", "-config=")):
+            return arg.split("=", 1)[1]
+        if arg in ("--config", "-config") and i + 1 < len(argv):
+            return argv[i + 1]
+    return DEFAULT_CONFIG
+
+
+def read_config_file(spec):
+    """The config of a --config value (config.py[:variant]); a missing file or an unknown variant is a UserError."""
+    path = spec.split(":", 1)[0]
+    if not os.path.isfile(path):
+        raise UserError(f"--config {spec}: no such file {path!r}")
+    try:
+        return config_flags.ConfigFileFlagParser(name="config").parse(spec)
+    except ValueError as error:  # ml_collections wraps the config file's own error
+        raise UserError(f"--config {spec}: {error.__context__ or error}") from None
+
+
+def field_names(config, prefix=""):
+    """Every field of the config as a dotted name (blocks and their fields)."""
+    for key, value in config.items():
+        yield prefix + key
+        if isinstance(value, ConfigDict):
+            yield from field_names(value, f"{prefix}{key}.")
+
+
+def closest_names(name, names):
+    """Up to three names like `name`: by the whole dotted name, or by its last part (num_steps -> sample.num_steps)."""
+    last = name.rsplit(".", 1)[-1]
+    by_last = [n for n in names if difflib.get_close_matches(last, [n.rsplit(".", 1)[-1]], cutoff=0.8)]
+    return list(dict.fromkeys(difflib.get_close_matches(name, names, n=3, cutoff=0.6) + by_last))[:3]
+
+
+def check_override_names(config, argv):
+    """Every --config.<name> in argv names a field of `config`; else one line with the closest names."""
+    names = list(field_names(config))
+    for arg in argv:
+        match = _OVERRIDE.match(arg)
+        if match and match.group(2) not in names:
+            close = closest_names(match.group(2), names)
+            hint = f"closest: {', '.join('--config.' + n for n in close)}" if close else "see config/config.py"
+            raise UserError(f"--config.{match.group(2)} is not a setting ({hint})")
+
 
 def load_config(argv):
-    """The config that argv asks for (--config file, then its overrides)."""
+    """The config that argv asks for (--config file, then its overrides), every setting checked."""
+    check_override_names(read_config_file(config_argument(argv)), argv)
     flag_values = flags.FlagValues()
     holder = config_flags.DEFINE_config_file(
         "config", DEFAULT_CONFIG, "Configuration file (config.py[:variant]).", flag_values=flag_values, sys_argv=argv
@@ -32,7 +87,9 @@ def load_config(argv):
             f"unexpected argument(s) {' '.join(rest)}: a boolean option takes its value after "
             "'=', e.g. --config.eval.inline=False (a bare --config.eval.inline means True)"
         )
-    return holder.value
+    config = holder.value
+    check_settings(config)
+    return config
 
 
 def main(run, argv=None):

@@ -1,4 +1,9 @@
-"""An experiment's settings, kept across reruns.
+"""Settings at start-up: each one inside its domain, and an experiment's settings kept across reruns.
+
+`check_settings` checks the plain domain of the settings (ranges, choices) that no module checks
+on its own; the checks that need a module's knowledge (train.algorithm, fusion.mask_images,
+eval.reward, sizes that must fit together, the inject_* strings) stay in that module's start-up
+check. Both run before any model loads.
 
 `record_or_compare` writes data/<exp_name>/config.json at an experiment's first start (the whole
 config, the package versions and the project's git commit); a rerun compares its settings with
@@ -15,10 +20,92 @@ import subprocess
 import time
 
 from config.config import RERUN_MAY_CHANGE
-from d_fusion.datadir import read_json, write_json
+from d_fusion.datadir import is_number, read_json, write_json
 from d_fusion.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- domains
+
+
+def integer(lo):
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo), f"an integer >= {lo}"
+
+
+def at_least(lo):
+    return (lambda v: is_number(v) and v >= lo), f"a number >= {lo}"
+
+
+def above(lo):
+    return (lambda v: is_number(v) and v > lo), f"a number > {lo}"
+
+
+def interval(lo, hi, closed_hi=True):
+    if closed_hi:
+        return (lambda v: is_number(v) and lo <= v <= hi), f"a number in [{lo}, {hi}]"
+    return (lambda v: is_number(v) and lo <= v < hi), f"a number in [{lo}, {hi})"
+
+
+def one_of(*choices):
+    return (lambda v: v in choices), f"one of {', '.join(map(repr, choices))}"
+
+
+def thresholds():
+    """mask_thr: one threshold in [0, 1] (a probability), or one per object."""
+    def accepts(v):
+        values = v if isinstance(v, (list, tuple)) else [v]
+        return bool(values) and all(is_number(x) and 0 <= x <= 1 for x in values)
+
+    return accepts, "a number in [0, 1] or a list of such numbers (one per object)"
+
+
+# field -> (accepts(value), what the value must be)
+DOMAINS = {
+    "mixed_precision": one_of("fp16", "bf16", "no"),
+    "dev_id": integer(0),
+    "threads": integer(0),
+    "mask_thr": thresholds(),
+    "sample.num_steps": integer(1),
+    "sample.eta": at_least(0),
+    "sample.guidance_scale": at_least(0),
+    "train.learning_rate": above(0),
+    "train.adam_beta1": interval(0, 1, closed_hi=False),
+    "train.adam_beta2": interval(0, 1, closed_hi=False),
+    "train.adam_weight_decay": at_least(0),
+    "train.adam_epsilon": above(0),
+    "train.max_grad_norm": above(0),
+    "train.timestep_fraction": interval(0, 1),
+    "train.alpha": above(0),
+    "train.beta": at_least(0),
+    "train.num_epochs": integer(1),
+    "train.adv_clip_max": above(0),
+    "train.num_checkpoint_limit": integer(1),
+    "train.begin_epoch": integer(0),
+    "train.lora_rank": integer(1),
+    "eval.no_scorer_timeout": at_least(0),
+    "eval.debug_batch_delay": at_least(0),
+    "fusion.mask_resolution": integer(0),
+    "heldout.images_per_prompt": integer(1),
+    "heldout.batch_size": integer(1),
+    "report.poll_interval": above(0),
+    "report.thumbnail": integer(1),
+}
+
+
+def setting(config, field):
+    """The value of a dotted field ("sample.num_steps")."""
+    for key in field.split("."):
+        config = config[key]
+    return config
+
+
+def check_settings(config):
+    """Every setting of DOMAINS inside its domain, else one UserError naming it."""
+    for field, (accepts, domain) in DOMAINS.items():
+        value = setting(config, field)
+        if not accepts(value):
+            raise UserError(f"config.{field} = {value!r}: it must be {domain}")
 
 
 # ---------------------------------------------------------------- the experiment's recorded settings

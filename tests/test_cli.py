@@ -7,11 +7,49 @@ import sys
 
 import pytest
 
-from d_fusion.cli import main
+from d_fusion.cli import load_config, main
 from d_fusion.errors import UserError
 from d_fusion.logs import setup_logging
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_an_unknown_field_names_the_closest_settings():
+    with pytest.raises(UserError, match=r"--config.num_step is not a setting \(closest: --config.sample.num_steps"):
+        load_config(["run_sample.py", "--config.num_step", "3"])
+    with pytest.raises(UserError, match=r"--config.train.learning_rat is not a setting \(closest: --config.train.learning_rate"):
+        load_config(["run_sample.py", "--config", "config/config.py:tiny", "--config.train.learning_rat=0.1"])
+
+
+def test_a_missing_config_file_or_variant_is_one_error():
+    with pytest.raises(UserError, match="--config nosuch.py: no such file 'nosuch.py'"):
+        load_config(["run_sample.py", "--config", "nosuch.py"])
+    with pytest.raises(UserError, match="--config config/config.py:nope: unknown config variant 'nope'; known: tiny"):
+        load_config(["run_sample.py", "--config=config/config.py:nope"])
+
+
+def test_an_unknown_field_is_one_line_on_the_command_line():
+    result = subprocess.run(
+        [sys.executable, "run_sample.py", "--config.foo", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: --config.foo is not a setting (see config/config.py)"]
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("sample.num_steps", "0", "config.sample.num_steps = 0: it must be an integer >= 1"),
+        ("sample.num_steps", "-3", "config.sample.num_steps = -3"),
+        ("sample.eta", "-0.5", "config.sample.eta = -0.5: it must be a number >= 0"),
+        ("sample.guidance_scale", "-1", "config.sample.guidance_scale = -1.0"),
+        ("mixed_precision", "fp8", "config.mixed_precision = 'fp8': it must be one of 'fp16', 'bf16', 'no'"),
+        ("mask_thr", "2", "config.mask_thr = 2.0: it must be a number in \\[0, 1\\]"),
+    ],
+)
+def test_a_setting_outside_its_domain_is_a_start_up_error_naming_it(option, value, message):
+    with pytest.raises(UserError, match=message):
+        load_config(["run_sample.py", "--config", "config/config.py:tiny", f"--config.{option}", value])
 
 
 def test_the_fatal_error_ends_the_run_log(tmp_path, capsys):
@@ -48,3 +86,8 @@ def test_run_log_keeps_the_error_of_the_real_script(tmp_path):
     assert "INFO" in result.stdout and "INFO" not in result.stderr  # log lines on stdout
     with open(os.path.join(tmp_path, "x", "run.log")) as f:
         assert "ERROR d_fusion: error: config.pretrained.model" in f.read()
+
+
+def test_every_config_variant_passes_the_settings_checks():
+    for variant in ("", ":tiny", ":shapes"):
+        assert load_config(["run_sample.py", "--config", "config/config.py" + variant]).sample.num_steps >= 1

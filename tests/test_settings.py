@@ -1,4 +1,4 @@
-"""An experiment's settings recorded at its first start and compared on reruns."""
+"""Settings: domains checked at start-up; an experiment's settings recorded and compared on reruns."""
 
 import subprocess
 
@@ -7,7 +7,16 @@ import pytest
 from config.config import RERUN_MAY_CHANGE, get_config
 from d_fusion.datadir import ExperimentDir, read_json, write_json
 from d_fusion.errors import UserError
-from d_fusion.settings import changed_settings, flatten, may_change, record_or_compare
+from d_fusion.settings import DOMAINS, changed_settings, check_settings, flatten, may_change, record_or_compare
+
+
+def test_every_domain_is_a_setting_and_the_defaults_are_inside():
+    assert [field for field in DOMAINS if field not in flatten(get_config().to_dict())] == []
+    check_settings(get_config())
+    config = get_config()
+    config.train.adam_beta2 = 1.0
+    with pytest.raises(UserError, match=r"config.train.adam_beta2 = 1.0: it must be a number in \[0, 1\)"):
+        check_settings(config)
 
 
 def test_every_setting_that_may_change_is_a_setting():
