@@ -21,6 +21,10 @@ from d_fusion.settings import check_settings
 
 DEFAULT_CONFIG = "config/config.py"
 
+# settings that take a list on the command line, comma-separated (`--config.item_idx 1,3`), and the type
+# of each element; absl cannot override list fields, nor turn a number field into a list (mask_thr)
+LIST_SETTINGS = {"item_idx": int, "mask_thr": float}
+
 _OVERRIDE = re.compile(r"^--?(no)?config\.([^=]+)(=.*)?$")
 
 
@@ -32,6 +36,35 @@ def config_argument(argv):
         if arg in ("--config", "-config") and i + 1 < len(argv):
             return argv[i + 1]
     return DEFAULT_CONFIG
+
+
+def take_list_overrides(argv):
+    """argv without the LIST_SETTINGS overrides, and those as {field: text}."""
+    rest, lists, args = [], {}, iter(argv)
+    for arg in args:
+        match = _OVERRIDE.match(arg)
+        field = match and match.group(2)
+        if field not in LIST_SETTINGS:
+            rest.append(arg)
+            continue
+        text = match.group(3)[1:] if match.group(3) else next(args, None)
+        if text is None:
+            raise UserError(f"--config.{field} needs a value, e.g. --config.{field} 1,3")
+        lists[field] = text
+    return rest, lists
+
+
+def parse_list(field, text):
+    """'1,3' (or '[1, 3]') -> [1, 3] with LIST_SETTINGS's element type; one number stays a number for mask_thr."""
+    kind = LIST_SETTINGS[field]
+    parts = [p.strip() for p in text.strip().strip("[]()").split(",") if p.strip()]
+    try:
+        values = [kind(p) for p in parts]
+    except ValueError:
+        raise UserError(
+            f"--config.{field} {text!r} is not a comma-separated list of {kind.__name__}s, e.g. --config.{field} 1,3"
+        ) from None
+    return values[0] if kind is float and len(values) == 1 else values
 
 
 def read_config_file(spec):
@@ -73,6 +106,7 @@ def check_override_names(config, argv):
 
 def load_config(argv):
     """The config that argv asks for (--config file, then its overrides), every setting checked."""
+    argv, lists = take_list_overrides(argv)
     check_override_names(read_config_file(config_argument(argv)), argv)
     flag_values = flags.FlagValues()
     holder = config_flags.DEFINE_config_file(
@@ -88,6 +122,9 @@ def load_config(argv):
             "'=', e.g. --config.eval.inline=False (a bare --config.eval.inline means True)"
         )
     config = holder.value
+    with config.ignore_type():  # mask_thr: a number or a list of numbers
+        for field, text in lists.items():
+            config[field] = parse_list(field, text)
     check_settings(config)
     return config
 

@@ -7,9 +7,11 @@ import sys
 
 import pytest
 
+from d_fusion import cli
 from d_fusion.cli import load_config, main
 from d_fusion.errors import UserError
 from d_fusion.logs import setup_logging
+from d_fusion.masks import load_objects
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,6 +38,18 @@ def test_an_unknown_field_is_one_line_on_the_command_line():
     assert result.stderr.strip().splitlines() == ["error: --config.foo is not a setting (see config/config.py)"]
 
 
+def test_list_settings_on_the_command_line():
+    config = load_config(
+        ["run_sample.py", "--config.prompt", "a cat eating a sandwich", "--config.item_idx", "1,4", "--config.mask_thr=0.03,0.005"]
+    )
+    assert list(config.item_idx) == [1, 4] and list(config.mask_thr) == [0.03, 0.005]
+    objects = load_objects(config, [config.prompt])[config.prompt]
+    assert objects.items == (1, 4) and objects.thresholds == (0.03, 0.005)
+    assert load_config(["run_sample.py", "--config.mask_thr", "0.02"]).mask_thr == 0.02  # one number stays a number
+    with pytest.raises(UserError, match="--config.item_idx '1,x' is not a comma-separated list of ints"):
+        load_config(["run_sample.py", "--config.item_idx", "1,x"])
+
+
 @pytest.mark.parametrize(
     "option, value, message",
     [
@@ -45,6 +59,7 @@ def test_an_unknown_field_is_one_line_on_the_command_line():
         ("sample.guidance_scale", "-1", "config.sample.guidance_scale = -1.0"),
         ("mixed_precision", "fp8", "config.mixed_precision = 'fp8': it must be one of 'fp16', 'bf16', 'no'"),
         ("mask_thr", "2", "config.mask_thr = 2.0: it must be a number in \\[0, 1\\]"),
+        ("mask_thr", "0.1,2", "config.mask_thr = \\[0.1, 2.0\\]"),
     ],
 )
 def test_a_setting_outside_its_domain_is_a_start_up_error_naming_it(option, value, message):
@@ -91,3 +106,4 @@ def test_run_log_keeps_the_error_of_the_real_script(tmp_path):
 def test_every_config_variant_passes_the_settings_checks():
     for variant in ("", ":tiny", ":shapes"):
         assert load_config(["run_sample.py", "--config", "config/config.py" + variant]).sample.num_steps >= 1
+    assert cli.LIST_SETTINGS.keys() <= set(cli.field_names(load_config(["run_sample.py"])))
