@@ -495,14 +495,25 @@ class ReportDir:
         return os.path.join(self.root, f"epoch{k}", f"overlay_{image_name(target)}")
 
 
+def check_exp_name(exp_name):
+    """An experiment's name is one folder name inside save_path: not empty, no path separators, not . or .."""
+    if not exp_name:
+        raise UserError("config.exp_name is empty: name the experiment, e.g. --config.exp_name test")
+    separators = [s for s in (os.sep, os.altsep, "\0") if s and s in exp_name]
+    if separators or exp_name in (".", ".."):
+        raise UserError(
+            f"config.exp_name = {exp_name!r} is not a folder name: it may not hold path separators or be . or .. "
+            "(the experiment lives in <save_path>/<exp_name>; set config.save_path to choose the parent folder)"
+        )
+
+
 # the processes that hold an experiment's lock: {role: the script that runs as it}
 LOCK_ROLES = {"sampler": "run_sample.py", "scorer": "run_eval.py"}
 
 
 class ExperimentDir:
     def __init__(self, save_path, exp_name):
-        if not exp_name:
-            raise UserError("config.exp_name is empty: name the experiment, e.g. --config.exp_name test")
+        check_exp_name(exp_name)
         self.root = os.path.join(save_path, exp_name)
 
     @property

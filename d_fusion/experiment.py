@@ -6,6 +6,7 @@ run reuses what is published and goes on from there.
 
 import contextlib
 import logging
+import time
 
 from tqdm.auto import tqdm
 
@@ -72,10 +73,20 @@ def sample_batch(config, models, epoch_dir, epoch, samples, negative_embeds, sta
         epoch_dir.save_trajectory(index, trajectories.latents[row], trajectories.log_probs[row], trajectories.timesteps)
 
 
+def timestamp_name():
+    """The exp_name of a run started without one."""
+    return time.strftime("%Y.%m.%d_%H.%M.%S")
+
+
 def run_experiment(config):
     """run_sample.py: the epoch loop, as the experiment's only sampler (its lock held by the main process)."""
+    named = not config.exp_name
+    if named:
+        config.exp_name = distributed.from_main(timestamp_name)
     experiment = ExperimentDir(config.save_path, config.exp_name)
     with experiment.hold("sampler") if distributed.is_main() else contextlib.nullcontext():
+        if named:
+            print(f"config.exp_name is empty: this run is {experiment.root} (--config.exp_name {config.exp_name})")
         run_epochs(config, experiment)
 
 

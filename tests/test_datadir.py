@@ -123,3 +123,9 @@ with ExperimentDir(sys.argv[1], "x").hold("sampler"):
     print("held", flush=True)
     time.sleep(120)
 """
+
+
+@pytest.mark.parametrize("name", ["../../x", "/tmp/abs", "a/b", ".", ".."])
+def test_exp_names_that_leave_save_path_are_refused(tmp_path, name):
+    with pytest.raises(UserError, match="is not a folder name"):
+        ExperimentDir(str(tmp_path), name)

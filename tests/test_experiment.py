@@ -1,6 +1,7 @@
 """The epoch loop's sampling stage: complete outputs, and a crash that loses nothing."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -87,6 +88,17 @@ def test_a_second_sampler_stops_at_once_naming_the_first(tiny_config, no_models)
             experiment.run_experiment(tiny_config)
     with pytest.raises(ModelsWouldLoad):  # the lock went with the first sampler
         experiment.run_experiment(tiny_config)
+
+
+def test_an_empty_exp_name_gets_a_timestamped_name_printed_at_start_up(tiny_config, monkeypatch, capsys):
+    started = []
+    monkeypatch.setattr(experiment, "run_epochs", lambda config, exp: started.append(exp.root))
+    tiny_config.exp_name = ""
+    experiment.run_experiment(tiny_config)
+    name = tiny_config.exp_name
+    assert re.fullmatch(r"\d{4}\.\d\d\.\d\d_\d\d\.\d\d\.\d\d", name)
+    assert started == [os.path.join(tiny_config.save_path, name)]
+    assert f"--config.exp_name {name}" in capsys.readouterr().out
 
 
 def test_start_up_records_the_settings_and_a_rerun_that_changes_one_stops(tiny_config, no_models):
