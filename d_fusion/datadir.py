@@ -44,7 +44,8 @@ Every file another process reads is written to a temporary name and renamed into
 reader sees the whole file or none of it. An image set (`images/`, `injected_images/`) is
 published batch by batch: first the batch's PNGs, then its prompt list, rewritten to cover
 images 0..n-1. The prompt list is the set's manifest: a reader uses only the images it lists.
-Scores are written the same way, in index order, after each scored batch.
+Scores are written the same way, in index order, after each scored batch. A writer killed
+mid-write leaves a `.tmp-*` (or `.old-*`) scratch entry, cleared at the next start-up.
 """
 
 import contextlib
@@ -62,6 +63,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from d_fusion.errors import UserError
+
+
+SCRATCH_PREFIXES = (".tmp-", ".old-")  # the scratch names of _atomic and atomic_folder
 
 
 def _umask():
@@ -110,6 +114,20 @@ def atomic_folder(path):
             shutil.rmtree(old)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def clear_scratch(folder, skip=()):
+    """Remove the scratch files and folders (`.tmp-*`, `.old-*`) that a killed writer left under `folder`,
+    not descending into folders named in `skip`; returns the removed paths."""
+    removed = []
+    for parent, folders, files in os.walk(folder):
+        folders[:] = [name for name in folders if name not in skip]
+        for name in [n for n in folders + files if n.startswith(SCRATCH_PREFIXES)]:
+            path = os.path.join(parent, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            removed.append(path)
+        folders[:] = [name for name in folders if not name.startswith(SCRATCH_PREFIXES)]
+    return removed
 
 
 @contextlib.contextmanager
@@ -548,6 +566,19 @@ class ExperimentDir:
     def in_use(self, role):
         """Whether a process runs as the experiment's `role` now."""
         return is_locked(self.lock_file(role))
+
+    def clear_sampler_scratch(self):
+        """Remove the scratch entries a killed run left (see clear_scratch), except under report/ and heldout/
+        (other scripts write there) and, while run_eval.py runs, under eval/; returns the removed paths."""
+        skip = ("report", "heldout") + (("eval",) if self.in_use("scorer") else ())
+        return clear_scratch(self.root, skip)
+
+    def clear_scorer_scratch(self):
+        """Remove the scratch entries under each epoch's eval/ (the scorer's files), unless a sampler runs:
+        it writes there too. Returns the removed paths."""
+        if self.in_use("sampler"):
+            return []
+        return [path for k in self.epochs() for path in clear_scratch(self.epoch(k).path("eval"))]
 
     @property
     def finished_file(self):

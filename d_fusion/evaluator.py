@@ -116,6 +116,9 @@ def run_scorer(config):
     experiment = ExperimentDir(config.save_path, config.exp_name)
     with experiment.hold("scorer"):
         setup_logging(experiment.eval_log_file)
+        cleared = experiment.clear_scorer_scratch()
+        if cleared:
+            log.info("removed %d scratch files left by an interrupted scorer, e.g. %s", len(cleared), cleared[0])
         watch(config, experiment)
 
 
@@ -125,7 +128,9 @@ def watch(config, experiment):
     try:
         scorer = load_scorer_from_config(config)
         if not experiment.epochs():
-            log.info("no samples in %s yet: start run_sample.py with --config.exp_name %s", experiment.root, config.exp_name)
+            log.info(
+                "no samples in %s yet: start run_sample.py with --config.exp_name %s", experiment.root, config.exp_name
+            )
         log.info("watching %s for new images (Ctrl-C stops)", experiment.root)
         while True:
             finished = experiment.is_finished()  # read before the pass: everything published by then is scored

@@ -91,8 +91,12 @@ def run_experiment(config):
 
 
 def start_up(config, experiment):
-    """The main process's start: the run's log, the settings recorded or compared."""
+    """The main process's start: the run's log, the scratch a killed run left cleared, the settings recorded
+    or compared."""
     setup_logging(experiment.log_file)
+    cleared = experiment.clear_sampler_scratch()
+    if cleared:
+        log.info("removed %d scratch files left by an interrupted run, e.g. %s", len(cleared), cleared[0])
     record_or_compare(config, experiment)
 
 

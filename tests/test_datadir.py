@@ -129,3 +129,25 @@ with ExperimentDir(sys.argv[1], "x").hold("sampler"):
 def test_exp_names_that_leave_save_path_are_refused(tmp_path, name):
     with pytest.raises(UserError, match="is not a folder name"):
         ExperimentDir(str(tmp_path), name)
+
+
+def test_scratch_left_by_a_kill_is_cleared_where_no_other_process_writes(tmp_path):
+    experiment = ExperimentDir(str(tmp_path), "x")
+    epoch = experiment.epoch(0)
+    image_scratch, eval_scratch = epoch.path("images", ".tmp-a.png"), epoch.path("eval", ".tmp-b.json")
+    metrics_scratch = os.path.join(experiment.root, ".tmp-c.jsonl")
+    report_scratch = os.path.join(experiment.root, "report", ".tmp-d.png")
+    for path in (image_scratch, eval_scratch, metrics_scratch, report_scratch):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "w").close()
+    checkpoint_scratch = os.path.join(experiment.checkpoints, ".tmp-e")
+    os.makedirs(os.path.join(checkpoint_scratch, "inside"))
+    write_json(epoch.path("images", "kept.json"), {})
+
+    with experiment.hold("scorer"):  # a running scorer's scratch under eval/ is left alone
+        removed = experiment.clear_sampler_scratch()
+    assert sorted(removed) == sorted([image_scratch, metrics_scratch, checkpoint_scratch])
+    assert all(map(os.path.exists, (eval_scratch, report_scratch, epoch.path("images", "kept.json"))))
+    with experiment.hold("sampler"):  # and the sampler's, by the scorer
+        assert experiment.clear_scorer_scratch() == []
+    assert experiment.clear_scorer_scratch() == [eval_scratch]

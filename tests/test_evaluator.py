@@ -200,6 +200,19 @@ def test_a_second_scorer_is_refused_at_once(tmp_path, monkeypatch):
     assert loads == []
 
 
+def test_the_scorer_clears_scratch_under_eval_when_no_sampler_runs(tmp_path, scorer, monkeypatch):
+    monkeypatch.setattr(evaluator, "load_scorer_from_config", lambda config: scorer)
+    config = experiment_config(inline=False, exit_when_finished=True)
+    config.save_path = str(tmp_path)
+    experiment = ExperimentDir(str(tmp_path), "test")
+    left = experiment.epoch(0).path("eval", ".tmp-scores.json")
+    os.makedirs(os.path.dirname(left))
+    open(left, "w").close()
+    experiment.mark_finished(1)
+    run_scorer(config)
+    assert not os.path.exists(left)
+
+
 def test_run_eval_logs_to_stdout_and_eval_log_and_a_second_one_stops_at_once(tiny_dir, tmp_path):
     command = [
         sys.executable, "run_eval.py", "--config", "config/config.py:tiny", "--config.exp_name", "x",

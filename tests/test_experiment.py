@@ -114,3 +114,13 @@ def test_start_up_records_the_settings_and_a_rerun_that_changes_one_stops(tiny_c
     tiny_config.train.num_epochs, tiny_config.eval.poll_interval, tiny_config.report.each_epoch = 9, 0.5, True
     with pytest.raises(ModelsWouldLoad):  # settings that may change do not stop it
         experiment.run_experiment(tiny_config)
+
+
+def test_start_up_clears_the_scratch_of_a_killed_run(tiny_config, no_models):
+    epoch_dir = ExperimentDir(tiny_config.save_path, tiny_config.exp_name).epoch(0)
+    left = epoch_dir.path("images", ".tmp-x.png")
+    os.makedirs(os.path.dirname(left))
+    open(left, "w").close()
+    with pytest.raises(ModelsWouldLoad):
+        experiment.run_experiment(tiny_config)
+    assert not os.path.exists(left)
