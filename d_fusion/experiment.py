@@ -19,7 +19,7 @@ from d_fusion.fusion import check_fusion_inputs, fuse_epoch
 from d_fusion.logs import setup_logging
 from d_fusion.masks import item_selection
 from d_fusion.models import load_models_from_config
-from d_fusion.prompts import epoch_samples, load_prompts
+from d_fusion.prompts import epoch_samples, load_prompts, warn_long_prompts
 from d_fusion.report import update_report
 from d_fusion.sampling import decode_images, encode_prompts, sample_generators, sample_trajectories
 from d_fusion.settings import record_or_compare
@@ -117,6 +117,7 @@ def run_epochs(config, experiment):
     # a mask grid the UNet lacks, or an object the tokenizer cannot find, fails here, before any sampling
     attention_layers(models.unet, config.fusion.mask_resolution)
     item_selection(models.tokenizer, prompts, objects, models.tokenizer.model_max_length)
+    warn_long_prompts(models.tokenizer, prompts)
     negative_embeds = encode_prompts(models, [""])
     scores = ScoreCollector(config, experiment)
     # LoRA on models.unet in place (the next epoch samples from it), optimizer, resume_from

@@ -124,3 +124,18 @@ def test_start_up_clears_the_scratch_of_a_killed_run(tiny_config, no_models):
     with pytest.raises(ModelsWouldLoad):
         experiment.run_experiment(tiny_config)
     assert not os.path.exists(left)
+
+
+def test_start_up_warns_about_a_prompt_the_text_encoder_cuts(tiny_config, monkeypatch, capsys):
+    class SamplingWouldStart(Exception):
+        pass
+
+    def refuse(*args):
+        raise SamplingWouldStart
+
+    monkeypatch.setattr(experiment, "ScoreCollector", refuse)
+    tiny_config.prompt_file = tiny_config.item_idx_file = ""
+    tiny_config.prompt = "a cat playing chess" + " and a big dog" * 20
+    with pytest.raises(SamplingWouldStart):
+        experiment.run_experiment(tiny_config)
+    assert f"the prompt {tiny_config.prompt!r} has 84 tokens" in capsys.readouterr().out
