@@ -58,9 +58,10 @@ def release_config():
     config.mask_thr_file = ""
     config.item_idx = [1, 3]
     config.item_idx_file = ""
-    # which attention components, steps and blocks fuse: self Q, K, V, cross Q, K, V. Only the
-    # self-attention K and V flags act (SPEC section 6: the target keeps its own query, and its
-    # cross-attention is its own); the other four are parsed and checked for the release's strings
+    # which attention components, steps and blocks fuse: self Q, K, V, cross Q, K, V, as in the
+    # release (SPEC section 6): the self Q flag, with its own inject_t/inject_l, is the fusion switch
+    # (the target keeps its own query); where it is on, the self K and V flags (with theirs) say
+    # which of K and V come from the reference; the three cross flags are parsed and checked only
     config.inject_component = "T,T,T,T,T,F"
     config.inject_t = "0-18,0-18,0-18,0-18,0-18,"
     config.inject_l = "3-6,3-6,3-6,3-6,3-6,"
@@ -91,7 +92,7 @@ def release_config():
     train.timestep_fraction = 1.0
     train.alpha = 1.0
     train.beta = 0.0
-    train.gamma = 2.0
+    train.gamma = 2.0  # read nowhere, as in the release: kept only so the release's command lines run
     train.eps = 0.1
     train.num_epochs = 20
     train.adv_clip_max = 5.0

@@ -100,8 +100,8 @@ def fused_sampling(
     with fusion_processors(unet, settings.mask_resolution) as layers:
         blocks = sorted({layer.block for layer in layers})
         for i, t in enumerate(tqdm(scheduler.timesteps, desc="fused step", leave=False, disable=not progress)):
-            k_blocks = frozenset(b for b in blocks if injection.self_k.fuses(i, num_steps, b))
-            v_blocks = frozenset(b for b in blocks if injection.self_v.fuses(i, num_steps, b))
+            k_blocks = frozenset(b for b in blocks if injection.blends_k(i, num_steps, b))
+            v_blocks = frozenset(b for b in blocks if injection.blends_v(i, num_steps, b))
             reference = Record(k_blocks | v_blocks, settings.use_mask, settings.cfg)
             references.step(unet, scheduler, t, settings.eta, settings.guidance_scale, settings.cfg, {"fusion": reference})
             mask = None

@@ -87,10 +87,20 @@ def test_fusion_happens_exactly_at_the_specs_steps_and_blocks(tiny_sd):
     # the release's defaults with 20 steps: steps 2..19, blocks 3..6
     result = fuse(tiny_sd, settings(20, inject_t="0-18,0-18,0-18,0-18,0-18,", use_mask=False), bases=(5,), guide=(0,))
     assert set(result.fused) == {(i, b) for i in range(2, 20) for b in range(3, 7)}
-    # keys off; values at lo <= 19 - i < hi = 10..14 and blocks 4..5
-    values_only = settings(20, "T,F,T,F,F,F", inject_t=",,5-10,,,", inject_l=",,4-5,,,", use_mask=False)
+    # the self Q flag is the switch: with its own ranges narrower than K's and V's, fusion follows Q's
+    q_narrow = settings(20, inject_t="5-10,0-18,0-18,,,", inject_l="4-5,3-6,3-6,,,", use_mask=False)
+    result = fuse(tiny_sd, q_narrow, bases=(5,), guide=(0,))
+    assert set(result.fused) == {(i, b) for i in range(10, 15) for b in (4, 5)}
+    # keys off; values at lo <= 19 - i < hi = 10..14 and blocks 4..5, inside Q's ranges
+    values_only = settings(20, "T,F,T,F,F,F", inject_t="0-18,,5-10,,,", inject_l="3-6,,4-5,,,", use_mask=False)
     result = fuse(tiny_sd, values_only, bases=(5,), guide=(0,))
     assert set(result.fused) == {(i, b) for i in range(10, 15) for b in (4, 5)}
+
+
+def test_self_q_off_does_not_fuse_as_in_the_release(tiny_sd):
+    result = fuse(tiny_sd, settings(inject_component="F,T,T,T,T,F", base_pass=True))
+    assert result.fused == []
+    assert torch.equal(result.targets.latents, result.bases.latents)
 
 
 @pytest.fixture
