@@ -1,10 +1,11 @@
 """Scoring the experiment's images (SPEC section 1, step 3): run_eval.py's loop and the sampler's wait.
 
 The scorer trusts only an image set's manifest (its prompt list, published after the images it
-lists): it scores the listed images that have no score yet, in index order, and saves the scores
-after every batch. A killed scorer restarts where its last saved batch ended. The sampler gets an
-epoch's scores through `ScoreCollector.collect`: with `eval.inline` it scores in its own process
-with the same code, otherwise it waits for run_eval.py.
+lists): it scores the listed images that have no score yet, in index order and in fixed
+index-aligned chunks, and saves the scores after every chunk. A killed scorer restarts with the
+chunk of its first image without a score. The sampler gets an epoch's scores through
+`ScoreCollector.collect`: with `eval.inline` it scores in its own process with the same code,
+otherwise it waits for run_eval.py.
 """
 
 import logging
@@ -78,14 +79,20 @@ def score_batch(scorer, image_set, prompts, start, batch_size):
 def score_new(scorer, experiment, epoch, image_set, batch_size, batch_delay=0.0):
     """Score the images the set's manifest lists and its scores lack, in index order; returns how many.
 
-    In a run of K processes, process r scores batch r of each round of K batches; the main
-    process saves the round's scores.
+    Images are scored in fixed chunks, images [k * batch_size, (k + 1) * batch_size), so that the
+    same images always meet in the same batch, however the publishing and the polling fall (a
+    model's outputs depend on its batch in the last bits): a chunk scored while only partly listed
+    is scored again, whole, when more of it is listed. In a run of K processes, process r scores
+    chunk r of each round of K chunks; the main process saves the round's scores.
     """
     prompts, scores = published_and_scored(image_set)
     first = len(scores)
-    for round_starts, start in distributed.rounds(range(first, len(prompts), batch_size)):
+    if first == len(prompts):
+        return 0
+    for round_starts, start in distributed.rounds(range(first // batch_size * batch_size, len(prompts), batch_size)):
         batch_scores = score_batch(scorer, image_set, prompts, start, batch_size) if start is not None else []
-        scores = scores + [s for part in distributed.gather(batch_scores) for s in part]  # index order
+        # index order: the scores before the round, then the round's chunks
+        scores = scores[: round_starts[0]] + [s for part in distributed.gather(batch_scores) for s in part]
         distributed.on_main(save_scores, experiment, epoch, image_set, scores)
         done = len(scores)
         log.info("epoch %d %s: scored %d-%d (%d listed)", epoch, image_set.name, round_starts[0], done - 1, len(prompts))

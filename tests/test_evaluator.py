@@ -68,10 +68,23 @@ def test_scores_only_listed_images_in_order_and_each_once(experiment, scorer):
     sampled.publish(PROMPTS)
     assert score_pending(counting, experiment, batch_size=2) == 5
     assert score_pending(counting, experiment, batch_size=2) == 0
-    assert sum(counting.scored) == 8  # every image scored once
+    assert counting.scored == [2, 1, 2, 2, 2]  # every image once, but the chunk [2, 3], scored again whole
     saved = read_json(sampled.scores_file)
     assert saved["count"] == 8 and saved["scores"] == pytest.approx(expected, abs=1e-5)
     assert saved["mean"] == pytest.approx(np.mean(expected))
+
+
+def test_scores_do_not_depend_on_when_images_were_published(tmp_path, experiment, scorer):
+    at_once = ExperimentDir(str(tmp_path), "at_once").epoch(0).sampled
+    draw_images(at_once, len(PROMPTS))
+    at_once.publish(PROMPTS)
+    score_pending(scorer, ExperimentDir(str(tmp_path), "at_once"), batch_size=4)
+
+    sampled = experiment.epoch(0).sampled
+    for listed in (1, 3, 6, 8):  # the scorer polls while the sampler publishes
+        sampled.publish(PROMPTS[:listed])
+        score_pending(scorer, experiment, batch_size=4)
+    assert sampled.read_scores() == at_once.read_scores()  # bit for bit: the same images met in each batch
 
 
 def test_killed_scorer_resumes_where_its_last_saved_batch_ended(experiment, scorer):
