@@ -105,7 +105,8 @@ def release_config():
 
 def project_config(config):
     """Fields this project adds to the release's (defaults keep the release's behaviour)."""
-    # build a tiny random-weight model into `tiny_cache` when `pretrained.model` is absent there
+    # build the tiny random-weight models into `tiny_cache` when `pretrained.model` (or `eval.model`) is
+    # <tiny_cache>/sd (<tiny_cache>/clip) and missing; a path elsewhere is never built
     config.pretrained.tiny = False
     config.tiny_cache = "./.cache/tiny"
     config.threads = 0  # torch CPU threads; 0 leaves torch's default
@@ -130,7 +131,7 @@ def project_config(config):
     ev.reward = "clip"
     # open_clip architecture name with a pretrained tag or checkpoint file, or an open_clip folder
     # (open_clip_config.json + weights; "local-dir:" optional; "hf-hub:org/repo" also works).
-    # With pretrained.tiny, a missing folder is built like the tiny diffusion model.
+    # With pretrained.tiny, a missing <tiny_cache>/clip is built like the tiny diffusion model (nothing else).
     ev.model = "ViT-H-14"
     ev.pretrained = "laion2B-s32B-b79K"  # ignored when `model` is a folder or hub id
     ev.batch_size = 8  # images per CLIP forward pass; scores are saved after each batch

@@ -120,6 +120,8 @@ def run_epochs(config, experiment):
     warn_long_prompts(models.tokenizer, prompts)
     negative_embeds = encode_prompts(models, [""])
     scores = ScoreCollector(config, experiment)
+    if config.eval.inline:
+        scores.scorer()  # a scorer that cannot load fails here, before any sampling
     # LoRA on models.unet in place (the next epoch samples from it), optimizer, resume_from
     training = TrainingStage(config, models, experiment) if config.use_lora else None
     if training is None:

@@ -126,7 +126,7 @@ def load_models_from_config(config):
     if config.pretrained.tiny:
         from d_fusion.tiny import build_missing
 
-        build_missing(config.pretrained.model)
+        build_missing(config.pretrained.model, config.tiny_cache)
     torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
     torch.backends.cudnn.allow_tf32 = config.allow_tf32
     dev_id = distributed.device_id(config.dev_id)

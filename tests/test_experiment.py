@@ -139,3 +139,12 @@ def test_start_up_warns_about_a_prompt_the_text_encoder_cuts(tiny_config, monkey
     with pytest.raises(SamplingWouldStart):
         experiment.run_experiment(tiny_config)
     assert f"the prompt {tiny_config.prompt!r} has 84 tokens" in capsys.readouterr().out
+
+
+def test_an_inline_scorer_that_cannot_load_fails_before_any_sampling(tiny_config, tmp_path, monkeypatch):
+    sampled = []
+    monkeypatch.setattr(experiment, "sample_epoch", lambda *args: sampled.append(args))
+    tiny_config.eval.model = str(tmp_path / "no-such-clip")
+    with pytest.raises(UserError, match="could not load the CLIP scorer"):
+        experiment.run_experiment(tiny_config)
+    assert sampled == [] and not os.path.exists(tmp_path / "no-such-clip")
