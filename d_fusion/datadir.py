@@ -230,6 +230,27 @@ def read_tensors(path):
         raise UserError(f"tensor file {path} is unreadable ({error}); move it aside and rerun") from None
 
 
+def unreadable(path):
+    """Why the PNG or safetensors file `path` cannot be read (missing, truncated, corrupt), or None."""
+    try:
+        read_image(path) if path.endswith(".png") else read_tensors(path)
+    except UserError as error:
+        return str(error)
+    return None
+
+
+def damaged_units(files_of, count, unit):
+    """[(start, reason)] of the units of `unit` consecutive indices in 0..count-1 (samples of a batch,
+    targets of a fused chunk) that have a file (files_of(index): its paths) that cannot be read."""
+    damaged = []
+    for start in range(0, count, unit):
+        reasons = [unreadable(path) for i in range(start, min(start + unit, count)) for path in files_of(i)]
+        reasons = [reason for reason in reasons if reason]
+        if reasons:
+            damaged.append((start, reasons[0]))
+    return damaged
+
+
 def is_number(value):
     """A finite int or float (not a bool, not NaN)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -336,6 +357,10 @@ class EpochDir:
     def load_trajectory(self, index):
         return read_tensors(self.trajectory_path(index))
 
+    def sample_files(self, index):
+        """The files of sample `index` that later stages read: its image and trajectory."""
+        return [self.image_path(index), self.trajectory_path(index)]
+
     # --- D-Fusion's outputs (issue 7) ---
     @property
     def injected_trajectories(self):
@@ -351,6 +376,15 @@ class EpochDir:
 
     def load_injected_trajectory(self, target):
         return read_tensors(self.injected_trajectory_path(target))
+
+    def target_files(self, target):
+        """The files of target `target`: its image and trajectory, and the copies of its reference and base."""
+        return [
+            self.injected.image_path(target),
+            self.injected_trajectory_path(target),
+            self.reference_image_path(target),
+            self.base_image_path(target),
+        ]
 
     def reference_image_path(self, target):
         return self.path("ref_images", image_name(target))
@@ -415,8 +449,13 @@ class CheckpointDir:
     def state_file(self):
         return os.path.join(self.root, "training_state.json")
 
+    def missing_files(self):
+        """The names of the checkpoint's files that are not there."""
+        files = (self.lora_weights, self.state_tensors_file, self.state_file)
+        return [os.path.basename(f) for f in files if not os.path.isfile(f)]
+
     def is_checkpoint(self):
-        return all(os.path.isfile(f) for f in (self.lora_weights, self.state_tensors_file, self.state_file))
+        return not self.missing_files()
 
 
 def checkpoint_epoch(name):
@@ -425,12 +464,17 @@ def checkpoint_epoch(name):
     return int(number) if name.startswith("checkpoint_") and number.isdigit() else None
 
 
-def checkpoints_in(folder):
-    """The checkpoint_<k> folders inside `folder`, oldest epoch first."""
+def checkpoint_folders(folder):
+    """Every checkpoint_<k> folder inside `folder`, complete or not, oldest epoch first."""
     if not os.path.isdir(folder):
         return []
     found = [CheckpointDir(os.path.join(folder, n)) for n in os.listdir(folder) if checkpoint_epoch(n) is not None]
-    return sorted((c for c in found if c.is_checkpoint()), key=lambda c: c.epoch)
+    return sorted(found, key=lambda c: c.epoch)
+
+
+def checkpoints_in(folder):
+    """The complete checkpoint_<k> folders inside `folder`, oldest epoch first."""
+    return [c for c in checkpoint_folders(folder) if c.is_checkpoint()]
 
 
 class HeldoutModelDir:

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from d_fusion import distributed
 from d_fusion.attention import attention_layers
-from d_fusion.datadir import ExperimentDir, write_image
+from d_fusion.datadir import ExperimentDir, damaged_units, write_image
 from d_fusion.errors import UserError
 from d_fusion.evaluator import ScoreCollector, check_eval_config
 from d_fusion.fusion import check_fusion_inputs, fuse_epoch
@@ -40,14 +40,19 @@ def sample_epoch(config, models, epoch_dir, epoch, samples, negative_embeds):
     first_batch = len(published) // batch_size
     if first_batch:
         log.info("epoch %d: reusing %d published samples", epoch, first_batch * batch_size)
-    starts = range(first_batch * batch_size, num_samples, batch_size)
+    # published batches with a missing or damaged file are sampled again: each sample regenerates from its seed
+    damaged = distributed.from_main(damaged_units, epoch_dir.sample_files, len(published), batch_size)
+    for start, reason in damaged:
+        log.warning("epoch %d: regenerating samples %d-%d from their seeds: %s", epoch, start, start + batch_size - 1, reason)
+    starts = [start for start, _ in damaged] + list(range(first_batch * batch_size, num_samples, batch_size))
     # with K processes, process r samples batch r of each round of K; the main process publishes the round
     for round_starts, start in tqdm(
         distributed.rounds(starts), desc=f"epoch {epoch} sampling", unit="round", disable=not distributed.is_main()
     ):
         if start is not None:
             sample_batch(config, models, epoch_dir, epoch, samples, negative_embeds, start)
-        distributed.on_main(epoch_dir.publish_samples, samples[: round_starts[-1] + batch_size])
+        listed = max(len(published), round_starts[-1] + batch_size)  # a round of repairs lists nothing new
+        distributed.on_main(epoch_dir.publish_samples, samples[:listed])
     return num_samples
 
 

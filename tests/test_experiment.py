@@ -5,6 +5,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import d_fusion.experiment as experiment
@@ -148,3 +149,23 @@ def test_an_inline_scorer_that_cannot_load_fails_before_any_sampling(tiny_config
     with pytest.raises(UserError, match="could not load the CLIP scorer"):
         experiment.run_experiment(tiny_config)
     assert sampled == [] and not os.path.exists(tmp_path / "no-such-clip")
+
+
+def test_a_published_sample_with_a_missing_or_damaged_file_is_regenerated(small_config, tiny_sd, caplog):
+    epoch_dir, samples = run_sampling(small_config, tiny_sd)
+    images = [np.asarray(Image.open(epoch_dir.image_path(i))) for i in range(len(samples))]
+    latents = [epoch_dir.load_trajectory(i)["latents"].clone() for i in range(len(samples))]  # not the mapped file
+    second_batch = {i: os.path.getmtime(epoch_dir.image_path(i)) for i in (2, 3)}
+    os.remove(epoch_dir.image_path(1))
+    with open(epoch_dir.trajectory_path(0), "r+b") as f:
+        f.truncate(100)
+
+    with caplog.at_level("WARNING", logger="d_fusion.experiment"):
+        run_sampling(small_config, tiny_sd)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "d_fusion.experiment" and r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith("epoch 0: regenerating samples 0-1 from their seeds: ")
+    for i in range(len(samples)):  # every sample regenerates exactly from its seed
+        assert np.array_equal(np.asarray(Image.open(epoch_dir.image_path(i))), images[i])
+        assert torch.equal(epoch_dir.load_trajectory(i)["latents"], latents[i])
+    assert {i: os.path.getmtime(epoch_dir.image_path(i)) for i in (2, 3)} == second_batch
+    assert epoch_dir.published_prompts() == samples

@@ -189,3 +189,32 @@ def test_start_up_checks(one_prompt_config):
     config.item_idx = [1, 7]
     with pytest.raises(UserError, match="word positions"):
         check_fusion_inputs(config, [PROMPT])
+
+
+def test_a_published_target_with_a_missing_or_damaged_file_is_fused_again(tiny_sd, one_prompt_config, caplog):
+    from d_fusion.datadir import ExperimentDir
+
+    config = one_prompt_config
+    config.sample.batch_size, config.sample.num_batches_per_epoch, config.fusion.batch_size = 2, 4, 2
+    samples, scores = [PROMPT] * 8, [0.1, 0.9, 0.5, 0.3, 0.8, 0.2, 0.4, 0.7]
+    objects = check_fusion_inputs(config, [PROMPT])
+    epoch_dir = ExperimentDir(config.save_path, config.exp_name).epoch(0)
+    negative = encode_prompts(tiny_sd, [""])
+    sample_epoch(config, tiny_sd, epoch_dir, 0, samples, negative)
+    fuse_epoch(config, tiny_sd, epoch_dir, 0, samples, scores, negative, objects)
+    made = [epoch_dir.load_injected_trajectory(t)["latents"].clone() for t in range(4)]
+    untouched = {path: os.path.getmtime(path) for path in epoch_dir.target_files(0) + epoch_dir.target_files(1)}
+
+    os.remove(epoch_dir.injected_trajectory_path(2))  # chunk [2, 3]: a missing trajectory,
+    with open(epoch_dir.base_image_path(3), "wb") as f:  # a damaged copy of a base
+        f.write(b"\x89PNG half")
+    with caplog.at_level("WARNING", logger="d_fusion.fusion"):
+        fuse_epoch(config, tiny_sd, epoch_dir, 0, samples, scores, negative, objects)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "d_fusion.fusion" and r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith("epoch 0: fusing targets 2-3 again: ")
+    for target in range(4):
+        torch.testing.assert_close(epoch_dir.load_injected_trajectory(target)["latents"], made[target], atol=1e-5, rtol=0)
+    with open(epoch_dir.base_image_path(3), "rb") as f, open(epoch_dir.image_path(0), "rb") as g:  # target 3's base
+        assert f.read() == g.read()
+    assert {path: os.path.getmtime(path) for path in untouched} == untouched  # chunk [0, 1] is not made again
+    assert epoch_dir.injected.published_prompts() == [PROMPT] * 4
