@@ -25,6 +25,14 @@ DEFAULT_CONFIG = "config/config.py"
 # of each element; absl cannot override list fields, nor turn a number field into a list (mask_thr)
 LIST_SETTINGS = {"item_idx": int, "mask_thr": float}
 
+_started_with = {"config": DEFAULT_CONFIG}  # the --config value of this process, once main() has read it
+
+
+def config_file():
+    """The --config value (config.py[:variant]) this process was started with; the default file otherwise."""
+    return _started_with["config"]
+
+
 _OVERRIDE = re.compile(r"^--?(no)?config\.([^=]+)(=.*)?$")
 
 
@@ -131,8 +139,10 @@ def load_config(argv):
 
 def main(run, argv=None):
     """Run `run(config)` with the config from argv (sys.argv): bad input prints one line, Ctrl-C exits quietly."""
+    argv = list(sys.argv if argv is None else argv)
+    _started_with["config"] = config_argument(argv)
     try:
-        config = load_config(list(sys.argv if argv is None else argv))
+        config = load_config(argv)
         if config.threads:
             torch.set_num_threads(config.threads)
         run(config)

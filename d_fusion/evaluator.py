@@ -14,6 +14,7 @@ import time
 from tqdm.auto import tqdm
 
 from d_fusion import distributed
+from d_fusion.cli import config_file
 from d_fusion.datadir import ExperimentDir, read_image
 from d_fusion.errors import UserError
 from d_fusion.logs import setup_logging
@@ -139,12 +140,20 @@ def watch(config, experiment):
                 "no samples in %s yet: start run_sample.py with --config.exp_name %s", experiment.root, config.exp_name
             )
         log.info("watching %s for new images (Ctrl-C stops)", experiment.root)
+        said_finished = False
         while True:
             finished = experiment.is_finished()  # read before the pass: everything published by then is scored
             if not score_pending(scorer, experiment, ev.batch_size, ev.debug_batch_delay):
                 if finished and ev.exit_when_finished:
                     log.info("the sampler has finished and every image is scored: exiting")
                     return
+                if finished and not said_finished:
+                    log.info(
+                        "%s is finished (finished.json) and every image is scored: nothing to do until a sampler "
+                        "runs it again (Ctrl-C stops; --config.eval.exit_when_finished=True exits by itself)",
+                        experiment.root,
+                    )
+                said_finished = finished
                 time.sleep(ev.poll_interval)
     except KeyboardInterrupt:
         log.info("stopped")
@@ -194,9 +203,10 @@ class ScoreCollector:
                 elif not warned and time.monotonic() - last_progress >= ev.no_scorer_timeout:
                     log.warning(
                         "no new scores for %.0f s. Is the scorer running? Start it in another terminal with the same "
-                        "exp_name and config: python run_eval.py --config.exp_name %s, or rerun this command "
-                        "with --config.eval.inline=True to score in this process",
+                        "exp_name and config: python run_eval.py --config %s --config.exp_name %s (and this run's "
+                        "eval.* options), or rerun this command with --config.eval.inline=True to score in this process",
                         ev.no_scorer_timeout,
+                        config_file(),
                         self.config.exp_name,
                     )
                     warned = True

@@ -177,7 +177,8 @@ def test_waiting_sampler_says_once_how_to_start_the_scorer(experiment, scorer, c
     assert len(scores) == 8 and scores == sampled.read_scores()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
-    assert "run_eval.py --config.exp_name test" in warnings[0] and "--config.eval.inline=True" in warnings[0]
+    assert "run_eval.py --config config/config.py --config.exp_name test" in warnings[0]
+    assert "--config.eval.inline=True" in warnings[0]
 
 
 def test_run_eval_waits_for_the_experiment_and_exits_when_it_is_finished(tmp_path, scorer, monkeypatch):
@@ -224,6 +225,27 @@ def test_the_scorer_clears_scratch_under_eval_when_no_sampler_runs(tmp_path, sco
     experiment.mark_finished(1)
     run_scorer(config)
     assert not os.path.exists(left)
+
+
+def test_a_scorer_on_a_finished_experiment_says_so(tmp_path, scorer, monkeypatch):
+    monkeypatch.setattr(evaluator, "load_scorer_from_config", lambda config: scorer)
+    config = experiment_config(inline=False)
+    config.save_path = str(tmp_path)
+    experiment = ExperimentDir(str(tmp_path), "test")
+    draw_images(experiment.epoch(0).sampled, len(PROMPTS))
+    experiment.epoch(0).sampled.publish(PROMPTS)
+    experiment.mark_finished(1)
+
+    def ctrl_c(seconds):  # at the scorer's first wait for new images (not the 0 s pause after a batch)
+        if seconds:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluator.time, "sleep", ctrl_c)
+    run_scorer(config)
+    with open(experiment.eval_log_file) as f:
+        log_text = f.read()
+    assert "epoch 0 images: scored 0-7" in log_text
+    assert f"{experiment.root} is finished (finished.json) and every image is scored: nothing to do" in log_text
 
 
 def test_run_eval_logs_to_stdout_and_eval_log_and_a_second_one_stops_at_once(tiny_dir, tmp_path):

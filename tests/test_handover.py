@@ -89,7 +89,7 @@ def test_sampler_and_scorer_processes_hand_over_survive_kills_and_reuse_work(tin
     killed_at = len(sampled.read_scores())
     assert 1 <= killed_at < NUM_IMAGES
     sampler.wait_until(lambda: "--config.eval.inline=True" in sampler.log())
-    assert "run_eval.py --config.exp_name handover" in sampler.log()
+    assert "run_eval.py --config config/config.py:tiny --config.exp_name handover" in sampler.log()  # its --config too
     sampler.stop(signal.SIGKILL)
     published = {path: os.stat(path).st_mtime_ns for path in map(sampled.image_path, range(NUM_IMAGES))}
 
