@@ -204,7 +204,8 @@ class ScoreCollector:
                     log.warning(
                         "no new scores for %.0f s. Is the scorer running? Start it in another terminal with the same "
                         "exp_name and config: python run_eval.py --config %s --config.exp_name %s (and this run's "
-                        "eval.* options), or rerun this command with --config.eval.inline=True to score in this process",
+                        "eval.* options), or rerun this command with --config.eval.inline=True to score in this "
+                        "process",
                         ev.no_scorer_timeout,
                         config_file(),
                         self.config.exp_name,

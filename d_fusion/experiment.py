@@ -43,7 +43,8 @@ def sample_epoch(config, models, epoch_dir, epoch, samples, negative_embeds):
     # published batches with a missing or damaged file are sampled again: each sample regenerates from its seed
     damaged = distributed.from_main(damaged_units, epoch_dir.sample_files, len(published), batch_size)
     for start, reason in damaged:
-        log.warning("epoch %d: regenerating samples %d-%d from their seeds: %s", epoch, start, start + batch_size - 1, reason)
+        last = start + batch_size - 1
+        log.warning("epoch %d: regenerating samples %d-%d from their seeds: %s", epoch, start, last, reason)
     starts = [start for start, _ in damaged] + list(range(first_batch * batch_size, num_samples, batch_size))
     # with K processes, process r samples batch r of each round of K; the main process publishes the round
     for round_starts, start in tqdm(

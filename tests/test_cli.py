@@ -19,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_an_unknown_field_names_the_closest_settings():
     with pytest.raises(UserError, match=r"--config.num_step is not a setting \(closest: --config.sample.num_steps"):
         load_config(["run_sample.py", "--config.num_step", "3"])
-    with pytest.raises(UserError, match=r"--config.train.learning_rat is not a setting \(closest: --config.train.learning_rate"):
+    closest = r"--config.train.learning_rat is not a setting \(closest: --config.train.learning_rate"
+    with pytest.raises(UserError, match=closest):
         load_config(["run_sample.py", "--config", "config/config.py:tiny", "--config.train.learning_rat=0.1"])
 
 
@@ -40,7 +41,8 @@ def test_an_unknown_field_is_one_line_on_the_command_line():
 
 def test_list_settings_on_the_command_line():
     config = load_config(
-        ["run_sample.py", "--config.prompt", "a cat eating a sandwich", "--config.item_idx", "1,4", "--config.mask_thr=0.03,0.005"]
+        ["run_sample.py", "--config.prompt", "a cat eating a sandwich", "--config.item_idx", "1,4",
+         "--config.mask_thr=0.03,0.005"]  # fmt: skip
     )
     assert list(config.item_idx) == [1, 4] and list(config.mask_thr) == [0.03, 0.005]
     objects = load_objects(config, [config.prompt])[config.prompt]

@@ -213,7 +213,8 @@ def test_a_published_target_with_a_missing_or_damaged_file_is_fused_again(tiny_s
     warnings = [r.getMessage() for r in caplog.records if r.name == "d_fusion.fusion" and r.levelname == "WARNING"]
     assert len(warnings) == 1 and warnings[0].startswith("epoch 0: fusing targets 2-3 again: ")
     for target in range(4):
-        torch.testing.assert_close(epoch_dir.load_injected_trajectory(target)["latents"], made[target], atol=1e-5, rtol=0)
+        remade = epoch_dir.load_injected_trajectory(target)["latents"]
+        torch.testing.assert_close(remade, made[target], atol=1e-5, rtol=0)
     with open(epoch_dir.base_image_path(3), "rb") as f, open(epoch_dir.image_path(0), "rb") as g:  # target 3's base
         assert f.read() == g.read()
     assert {path: os.path.getmtime(path) for path in untouched} == untouched  # chunk [0, 1] is not made again

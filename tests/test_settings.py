@@ -50,7 +50,8 @@ def test_a_rerun_lists_every_changed_setting_that_shapes_results(tmp_path):
     with pytest.raises(UserError) as error:
         record_or_compare(config, experiment)
     listed = str(error.value)
-    assert "eval.reward: 'clip' -> 'shapes'; sample.eta: 1.0 -> 0.5; train.preferred: 'target' -> 'reference'." in listed
+    expected = "eval.reward: 'clip' -> 'shapes'; sample.eta: 1.0 -> 0.5; train.preferred: 'target' -> 'reference'."
+    assert expected in listed
     assert "num_epochs" not in listed and "thumbnail" not in listed and "inline" not in listed
 
 
