@@ -41,10 +41,11 @@ def above(lo):
     return (lambda v: is_number(v) and v > lo), f"a number > {lo}"
 
 
-def interval(lo, hi, closed_hi=True):
-    if closed_hi:
-        return (lambda v: is_number(v) and lo <= v <= hi), f"a number in [{lo}, {hi}]"
-    return (lambda v: is_number(v) and lo <= v < hi), f"a number in [{lo}, {hi})"
+def interval(lo, hi, open_lo=False, open_hi=False):
+    def accepts(v):
+        return is_number(v) and (lo < v if open_lo else lo <= v) and (v < hi if open_hi else v <= hi)
+
+    return accepts, f"a number in {'(' if open_lo else '['}{lo}, {hi}{')' if open_hi else ']'}"
 
 
 def one_of(*choices):
@@ -70,12 +71,12 @@ DOMAINS = {
     "sample.eta": at_least(0),
     "sample.guidance_scale": at_least(0),
     "train.learning_rate": above(0),
-    "train.adam_beta1": interval(0, 1, closed_hi=False),
-    "train.adam_beta2": interval(0, 1, closed_hi=False),
+    "train.adam_beta1": interval(0, 1, open_hi=True),
+    "train.adam_beta2": interval(0, 1, open_hi=True),
     "train.adam_weight_decay": at_least(0),
     "train.adam_epsilon": above(0),
     "train.max_grad_norm": above(0),
-    "train.timestep_fraction": interval(0, 1),
+    "train.timestep_fraction": interval(0, 1, open_lo=True),
     "train.alpha": above(0),
     "train.beta": at_least(0),
     "train.num_epochs": integer(1),
@@ -86,8 +87,6 @@ DOMAINS = {
     "eval.no_scorer_timeout": at_least(0),
     "eval.debug_batch_delay": at_least(0),
     "fusion.mask_resolution": integer(0),
-    "heldout.images_per_prompt": integer(1),
-    "heldout.batch_size": integer(1),
     "report.poll_interval": above(0),
     "report.thumbnail": integer(1),
 }

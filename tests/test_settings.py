@@ -17,6 +17,10 @@ def test_every_domain_is_a_setting_and_the_defaults_are_inside():
     config.train.adam_beta2 = 1.0
     with pytest.raises(UserError, match=r"config.train.adam_beta2 = 1.0: it must be a number in \[0, 1\)"):
         check_settings(config)
+    config = get_config()
+    config.train.timestep_fraction = 0.0
+    with pytest.raises(UserError, match=r"config.train.timestep_fraction = 0.0: it must be a number in \(0, 1\]"):
+        check_settings(config)
 
 
 def test_every_setting_that_may_change_is_a_setting():
