@@ -25,15 +25,14 @@ DEFAULT_CONFIG = "config/config.py"
 # of each element; absl cannot override list fields, nor turn a number field into a list (mask_thr)
 LIST_SETTINGS = {"item_idx": int, "mask_thr": float}
 
+_OVERRIDE = re.compile(r"^--?(no)?config\.([^=]+)(=.*)?$")  # --config.<field>[=value]
+
 _started_with = {"config": DEFAULT_CONFIG}  # the --config value of this process, once main() has read it
 
 
 def config_file():
     """The --config value (config.py[:variant]) this process was started with; the default file otherwise."""
     return _started_with["config"]
-
-
-_OVERRIDE = re.compile(r"^--?(no)?config\.([^=]+)(=.*)?$")
 
 
 def config_argument(argv):

@@ -45,7 +45,8 @@ reader sees the whole file or none of it. An image set (`images/`, `injected_ima
 published batch by batch: first the batch's PNGs, then its prompt list, rewritten to cover
 images 0..n-1. The prompt list is the set's manifest: a reader uses only the images it lists.
 Scores are written the same way, in index order, after each scored batch. A writer killed
-mid-write leaves a `.tmp-*` (or `.old-*`) scratch entry, cleared at the next start-up.
+mid-write leaves a `.tmp-*` scratch entry, cleared at the next start-up (an `.old-*` folder, the
+previous version of a folder being replaced, is kept: it may be the only copy left).
 """
 
 import contextlib
@@ -65,7 +66,7 @@ from safetensors.torch import load_file, save_file
 from d_fusion.errors import UserError
 
 
-SCRATCH_PREFIXES = (".tmp-", ".old-")  # the scratch names of _atomic and atomic_folder
+SCRATCH_PREFIX = ".tmp-"  # the scratch names of _atomic and atomic_folder
 
 
 def _umask():
@@ -85,7 +86,7 @@ def _atomic(path, write):
     """Call write(tmp_path), then rename tmp_path to path."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=SCRATCH_PREFIX, suffix=os.path.splitext(path)[1], dir=folder)
     os.close(fd)
     try:
         write(tmp)
@@ -101,7 +102,7 @@ def atomic_folder(path):
     """Yield a scratch folder beside `path`; when the block succeeds it replaces `path` whole."""
     parent = os.path.dirname(path) or "."
     os.makedirs(parent, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=parent)
     try:
         yield scratch
         _publish_mode(scratch, 0o777)
@@ -117,16 +118,16 @@ def atomic_folder(path):
 
 
 def clear_scratch(folder, skip=()):
-    """Remove the scratch files and folders (`.tmp-*`, `.old-*`) that a killed writer left under `folder`,
+    """Remove the scratch files and folders (`.tmp-*`) that a killed writer left under `folder`,
     not descending into folders named in `skip`; returns the removed paths."""
     removed = []
     for parent, folders, files in os.walk(folder):
         folders[:] = [name for name in folders if name not in skip]
-        for name in [n for n in folders + files if n.startswith(SCRATCH_PREFIXES)]:
+        for name in [n for n in folders + files if n.startswith(SCRATCH_PREFIX)]:
             path = os.path.join(parent, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
             removed.append(path)
-        folders[:] = [name for name in folders if not name.startswith(SCRATCH_PREFIXES)]
+        folders[:] = [name for name in folders if not name.startswith(SCRATCH_PREFIX)]
     return removed
 
 

@@ -142,12 +142,14 @@ def test_scratch_left_by_a_kill_is_cleared_where_no_other_process_writes(tmp_pat
         open(path, "w").close()
     checkpoint_scratch = os.path.join(experiment.checkpoints, ".tmp-e")
     os.makedirs(os.path.join(checkpoint_scratch, "inside"))
+    replaced = os.path.join(experiment.checkpoints, ".old-f", "folder")  # maybe the only copy of a checkpoint
+    os.makedirs(replaced)
     write_json(epoch.path("images", "kept.json"), {})
 
     with experiment.hold("scorer"):  # a running scorer's scratch under eval/ is left alone
         removed = experiment.clear_sampler_scratch()
     assert sorted(removed) == sorted([image_scratch, metrics_scratch, checkpoint_scratch])
-    assert all(map(os.path.exists, (eval_scratch, report_scratch, epoch.path("images", "kept.json"))))
+    assert all(map(os.path.exists, (eval_scratch, report_scratch, epoch.path("images", "kept.json"), replaced)))
     with experiment.hold("sampler"):  # and the sampler's, by the scorer
         assert experiment.clear_scorer_scratch() == []
     assert experiment.clear_scorer_scratch() == [eval_scratch]
