@@ -1,5 +1,6 @@
 """Settings: domains checked at start-up; an experiment's settings recorded and compared on reruns."""
 
+import os
 import subprocess
 
 import pytest
@@ -27,6 +28,12 @@ def test_every_setting_that_may_change_is_a_setting():
     fields = flatten(get_config().to_dict())
     blocks = {name.rpartition(".")[0] for name in fields}
     assert [n for n in RERUN_MAY_CHANGE if n not in fields and n.removesuffix(".*") not in blocks] == []
+
+
+def test_the_readme_documents_every_setting_that_may_change():
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
+        readme = f.read()
+    assert [name for name in RERUN_MAY_CHANGE if f"`{name}`" not in readme] == []
 
 
 def test_may_change_covers_whole_blocks_and_nothing_else():
