@@ -1,6 +1,6 @@
 """Static report: `python run_report.py --config.exp_name demo` writes data/demo/report/index.html.
 
-`--config.report.watch True` keeps updating it until the sampler has finished; rerunning redraws only
+`--config.report.watch=True` keeps updating it until the sampler has finished; rerunning redraws only
 what changed.
 """
 

@@ -9,6 +9,36 @@ Every field is overridable on the command line as `--config.a.b value`. Variants
 
 import ml_collections
 
+# The settings that may change when an experiment is rerun (same exp_name). The first start records
+# every setting in data/<exp_name>/config.json; a rerun that changes any other setting (they shape the
+# results: seed, sampling, fusion, training, the model and the reward) stops at start-up, listing the
+# changed fields. These only say how long the run goes, how its work is batched, where it runs, and
+# what is watched, logged or reported. "block.*" stands for every field of the block.
+RERUN_MAY_CHANGE = (
+    "train.num_epochs",  # extend a run
+    "resume_from",  # continue from another of the experiment's checkpoints
+    "train.save_interval",
+    "train.num_checkpoint_limit",
+    "train.tensorboard",
+    "train.gradient_checkpointing",  # memory against speed, the same gradients
+    "fusion.batch_size",  # targets per fused pass
+    "fusion.mask_images",  # which mask pictures are saved
+    "eval.inline",  # score in the sampler, or wait for run_eval.py
+    "eval.batch_size",
+    "eval.poll_interval",
+    "eval.no_scorer_timeout",
+    "eval.exit_when_finished",
+    "eval.debug_batch_delay",
+    "heldout.*",  # run_heldout.py's own settings
+    "report.*",
+    "threads",
+    "dev_id",
+    "save_path",  # the experiment's folder was moved
+    "exp_name",
+    "tiny_cache",
+    "pretrained.tiny",
+)
+
 
 def release_config():
     config = ml_collections.ConfigDict()
@@ -28,9 +58,10 @@ def release_config():
     config.mask_thr_file = ""
     config.item_idx = [1, 3]
     config.item_idx_file = ""
-    # which attention components, steps and blocks fuse: self Q, K, V, cross Q, K, V. Only the
-    # self-attention K and V flags act (SPEC section 6: the target keeps its own query, and its
-    # cross-attention is its own); the other four are parsed and checked for the release's strings
+    # which attention components, steps and blocks fuse: self Q, K, V, cross Q, K, V, as in the
+    # release (SPEC section 6): the self Q flag, with its own inject_t/inject_l, is the fusion switch
+    # (the target keeps its own query); where it is on, the self K and V flags (with theirs) say
+    # which of K and V come from the reference; the three cross flags are parsed and checked only
     config.inject_component = "T,T,T,T,T,F"
     config.inject_t = "0-18,0-18,0-18,0-18,0-18,"
     config.inject_l = "3-6,3-6,3-6,3-6,3-6,"
@@ -61,7 +92,7 @@ def release_config():
     train.timestep_fraction = 1.0
     train.alpha = 1.0
     train.beta = 0.0
-    train.gamma = 2.0
+    train.gamma = 2.0  # read nowhere, as in the release: kept only so the release's command lines run
     train.eps = 0.1
     train.num_epochs = 20
     train.adv_clip_max = 5.0
@@ -74,7 +105,8 @@ def release_config():
 
 def project_config(config):
     """Fields this project adds to the release's (defaults keep the release's behaviour)."""
-    # build a tiny random-weight model into `tiny_cache` when `pretrained.model` is absent there
+    # build the tiny random-weight models into `tiny_cache` when `pretrained.model` (or `eval.model`) is
+    # <tiny_cache>/sd (<tiny_cache>/clip) and missing; a path elsewhere is never built
     config.pretrained.tiny = False
     config.tiny_cache = "./.cache/tiny"
     config.threads = 0  # torch CPU threads; 0 leaves torch's default
@@ -99,7 +131,7 @@ def project_config(config):
     ev.reward = "clip"
     # open_clip architecture name with a pretrained tag or checkpoint file, or an open_clip folder
     # (open_clip_config.json + weights; "local-dir:" optional; "hf-hub:org/repo" also works).
-    # With pretrained.tiny, a missing folder is built like the tiny diffusion model.
+    # With pretrained.tiny, a missing <tiny_cache>/clip is built like the tiny diffusion model (nothing else).
     ev.model = "ViT-H-14"
     ev.pretrained = "laion2B-s32B-b79K"  # ignored when `model` is a folder or hub id
     ev.batch_size = 8  # images per CLIP forward pass; scores are saved after each batch

@@ -19,11 +19,12 @@ up 4, 5, 6). What a processor does in one UNet call comes from a state object pa
   M (one value per key position) is the reference's fusion mask at this layer's grid, shared by
   both CFG halves and all heads. Without a mask, K' = K_r and V' = V_r.
 
-The six `inject_component` flags (self Q, K, V, cross Q, K, V): the self K flag (with its own
-`inject_t`/`inject_l` ranges) decides where K is fused, the self V flag where V is fused. The self
-Q flag and the three cross-attention flags change nothing: SPEC section 6's formula keeps the
-target's own query, and "everything else in the target's forward pass is unchanged", so they are
-parsed and validated but do not act.
+The six `inject_component` flags (self Q, K, V, cross Q, K, V), as the release reads them (SPEC
+section 6): the self Q flag (with its own `inject_t`/`inject_l` ranges) is the switch, deciding
+where the target's self-attention fuses, though the target keeps its own query; there the self K
+flag (with its ranges) says whether K is blended, the self V flag whether V is. The three
+cross-attention flags change nothing ("everything else in the target's forward pass is
+unchanged"): they are parsed and validated but do not act.
 
 Processors never read weights: they call `attn.to_q`, `attn.to_k`, ... so peft LoRA adapters on
 those layers take part as usual.

@@ -20,7 +20,16 @@ from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from d_fusion import distributed
-from d_fusion.datadir import CheckpointDir, atomic_folder, checkpoints_in, read_json, read_tensors, write_json, write_tensors
+from d_fusion.datadir import (
+    CheckpointDir,
+    atomic_folder,
+    checkpoint_folders,
+    checkpoints_in,
+    read_json,
+    read_tensors,
+    write_json,
+    write_tensors,
+)
 from d_fusion.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -197,6 +206,13 @@ def resume(trainer, config, experiment):
     """The first epoch to run: after the `resume_from` checkpoint when given, else after the
     experiment's own newest checkpoint (rerunning a stopped run continues it), else `train.begin_epoch`."""
     resume_from = config.resume_from
+    for incomplete in [c for c in checkpoint_folders(resume_from or experiment.checkpoints) if not c.is_checkpoint()]:
+        log.warning(
+            "%s lacks %s: it is ignored, so epoch %d is trained again if the run gets there",
+            incomplete.root,
+            ", ".join(incomplete.missing_files()),
+            incomplete.epoch,
+        )
     if not resume_from and checkpoints_in(experiment.checkpoints):
         resume_from = experiment.checkpoints
         log.info("%s holds checkpoints: continuing from the newest (use a new exp_name to start afresh)", resume_from)

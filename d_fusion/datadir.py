@@ -1,7 +1,10 @@
 """The experiment's data directory: the one place that knows every path and file format.
 
     data/<exp_name>/
-        run.log                       the sampler's log
+        run.log                       the sampler's log (with the fatal error of a failed run)
+        eval.log                      run_eval.py's log
+        config.json                   the settings, package versions and git commit of the first start
+        sampler.lock, scorer.lock     held (fcntl.flock) by the running run_sample.py / run_eval.py
         finished.json                 written by the sampler when its last epoch is done
         metrics.jsonl                 one JSON line of training metrics per trained epoch
         tensorboard/                  the same metrics for tensorboard (train.tensorboard)
@@ -41,11 +44,14 @@ Every file another process reads is written to a temporary name and renamed into
 reader sees the whole file or none of it. An image set (`images/`, `injected_images/`) is
 published batch by batch: first the batch's PNGs, then its prompt list, rewritten to cover
 images 0..n-1. The prompt list is the set's manifest: a reader uses only the images it lists.
-Scores are written the same way, in index order, after each scored batch.
+Scores are written the same way, in index order, after each scored batch. A writer killed
+mid-write leaves a `.tmp-*` scratch entry, cleared at the next start-up (an `.old-*` folder, the
+previous version of a folder being replaced, is kept: it may be the only copy left).
 """
 
 import contextlib
 import csv
+import fcntl
 import io
 import json
 import math
@@ -60,14 +66,31 @@ from safetensors.torch import load_file, save_file
 from d_fusion.errors import UserError
 
 
+SCRATCH_PREFIX = ".tmp-"  # the scratch names of _atomic and atomic_folder
+
+
+def _umask():
+    """The process's umask (os.umask can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path, mode):
+    """Give a scratch file or folder (tempfile makes them 0600 / 0700) the mode `mode` less the umask, as
+    open() and os.mkdir() would: a published file is as readable as any other program's."""
+    os.chmod(path, mode & ~_umask())
+
+
 def _atomic(path, write):
     """Call write(tmp_path), then rename tmp_path to path."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=SCRATCH_PREFIX, suffix=os.path.splitext(path)[1], dir=folder)
     os.close(fd)
     try:
         write(tmp)
+        _publish_mode(tmp, 0o666)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -79,9 +102,10 @@ def atomic_folder(path):
     """Yield a scratch folder beside `path`; when the block succeeds it replaces `path` whole."""
     parent = os.path.dirname(path) or "."
     os.makedirs(parent, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=parent)
     try:
         yield scratch
+        _publish_mode(scratch, 0o777)
         old = None
         if os.path.isdir(path):  # keep the old folder until the new one is in place
             old = tempfile.mkdtemp(prefix=".old-", dir=parent)
@@ -91,6 +115,59 @@ def atomic_folder(path):
             shutil.rmtree(old)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def clear_scratch(folder, skip=()):
+    """Remove the scratch files and folders (`.tmp-*`) that a killed writer left under `folder`,
+    not descending into folders named in `skip`; returns the removed paths."""
+    removed = []
+    for parent, folders, files in os.walk(folder):
+        folders[:] = [name for name in folders if name not in skip]
+        for name in [n for n in folders + files if n.startswith(SCRATCH_PREFIX)]:
+            path = os.path.join(parent, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            removed.append(path)
+        folders[:] = [name for name in folders if not name.startswith(SCRATCH_PREFIX)]
+    return removed
+
+
+@contextlib.contextmanager
+def exclusive_lock(path, refusal):
+    """Hold an exclusive lock on the file `path` for the block (fcntl.flock: the OS releases it when the
+    process ends, even by kill -9). The file keeps the holder's pid. When another process holds it,
+    UserError(refusal(pid)) at once, with pid the holder's ("?" when it cannot be read)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(refusal(_lock_holder(fd))) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _lock_holder(fd):
+    """The pid written in a lock file by its holder, or "?"."""
+    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return text if text.isdigit() else "?"
+
+
+def is_locked(path):
+    """Whether a process holds the exclusive lock on `path` now."""
+    if not os.path.exists(path):
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def write_json(path, data):
@@ -119,7 +196,7 @@ def read_json(path, what="file"):
     try:
         with open(path) as f:
             return json.load(f)
-    except json.JSONDecodeError as error:
+    except ValueError as error:  # json.JSONDecodeError, or UnicodeDecodeError for binary garbage
         raise UserError(f"{what} {path} is corrupt or half-written ({error}); move it aside and rerun") from None
     except FileNotFoundError:
         raise UserError(f"{what} {path} does not exist") from None
@@ -152,6 +229,27 @@ def read_tensors(path):
         return load_file(path)
     except Exception as error:  # safetensors raises its own error types for bad headers
         raise UserError(f"tensor file {path} is unreadable ({error}); move it aside and rerun") from None
+
+
+def unreadable(path):
+    """Why the PNG or safetensors file `path` cannot be read (missing, truncated, corrupt), or None."""
+    try:
+        read_image(path) if path.endswith(".png") else read_tensors(path)
+    except UserError as error:
+        return str(error)
+    return None
+
+
+def damaged_units(files_of, count, unit):
+    """[(start, reason)] of the units of `unit` consecutive indices in 0..count-1 (samples of a batch,
+    targets of a fused chunk) that have a file (files_of(index): its paths) that cannot be read."""
+    damaged = []
+    for start in range(0, count, unit):
+        reasons = [unreadable(path) for i in range(start, min(start + unit, count)) for path in files_of(i)]
+        reasons = [reason for reason in reasons if reason]
+        if reasons:
+            damaged.append((start, reasons[0]))
+    return damaged
 
 
 def is_number(value):
@@ -260,6 +358,10 @@ class EpochDir:
     def load_trajectory(self, index):
         return read_tensors(self.trajectory_path(index))
 
+    def sample_files(self, index):
+        """The files of sample `index` that later stages read: its image and trajectory."""
+        return [self.image_path(index), self.trajectory_path(index)]
+
     # --- D-Fusion's outputs (issue 7) ---
     @property
     def injected_trajectories(self):
@@ -275,6 +377,15 @@ class EpochDir:
 
     def load_injected_trajectory(self, target):
         return read_tensors(self.injected_trajectory_path(target))
+
+    def target_files(self, target):
+        """The files of target `target`: its image and trajectory, and the copies of its reference and base."""
+        return [
+            self.injected.image_path(target),
+            self.injected_trajectory_path(target),
+            self.reference_image_path(target),
+            self.base_image_path(target),
+        ]
 
     def reference_image_path(self, target):
         return self.path("ref_images", image_name(target))
@@ -339,8 +450,13 @@ class CheckpointDir:
     def state_file(self):
         return os.path.join(self.root, "training_state.json")
 
+    def missing_files(self):
+        """The names of the checkpoint's files that are not there."""
+        files = (self.lora_weights, self.state_tensors_file, self.state_file)
+        return [os.path.basename(f) for f in files if not os.path.isfile(f)]
+
     def is_checkpoint(self):
-        return all(os.path.isfile(f) for f in (self.lora_weights, self.state_tensors_file, self.state_file))
+        return not self.missing_files()
 
 
 def checkpoint_epoch(name):
@@ -349,12 +465,17 @@ def checkpoint_epoch(name):
     return int(number) if name.startswith("checkpoint_") and number.isdigit() else None
 
 
-def checkpoints_in(folder):
-    """The checkpoint_<k> folders inside `folder`, oldest epoch first."""
+def checkpoint_folders(folder):
+    """Every checkpoint_<k> folder inside `folder`, complete or not, oldest epoch first."""
     if not os.path.isdir(folder):
         return []
     found = [CheckpointDir(os.path.join(folder, n)) for n in os.listdir(folder) if checkpoint_epoch(n) is not None]
-    return sorted((c for c in found if c.is_checkpoint()), key=lambda c: c.epoch)
+    return sorted(found, key=lambda c: c.epoch)
+
+
+def checkpoints_in(folder):
+    """The complete checkpoint_<k> folders inside `folder`, oldest epoch first."""
+    return [c for c in checkpoint_folders(folder) if c.is_checkpoint()]
 
 
 class HeldoutModelDir:
@@ -437,15 +558,72 @@ class ReportDir:
         return os.path.join(self.root, f"epoch{k}", f"overlay_{image_name(target)}")
 
 
+def check_exp_name(exp_name):
+    """An experiment's name is one folder name inside save_path: not empty, no path separators, not . or .."""
+    if not exp_name:
+        raise UserError("config.exp_name is empty: name the experiment, e.g. --config.exp_name test")
+    separators = [s for s in (os.sep, os.altsep, "\0") if s and s in exp_name]
+    if separators or exp_name in (".", ".."):
+        raise UserError(
+            f"config.exp_name = {exp_name!r} is not a folder name: it may not hold path separators or be . or .. "
+            "(the experiment lives in <save_path>/<exp_name>; set config.save_path to choose the parent folder)"
+        )
+
+
+# the processes that hold an experiment's lock: {role: the script that runs as it}
+LOCK_ROLES = {"sampler": "run_sample.py", "scorer": "run_eval.py"}
+
+
 class ExperimentDir:
     def __init__(self, save_path, exp_name):
-        if not exp_name:
-            raise UserError("config.exp_name is empty: name the experiment, e.g. --config.exp_name test")
+        check_exp_name(exp_name)
         self.root = os.path.join(save_path, exp_name)
 
     @property
     def log_file(self):
         return os.path.join(self.root, "run.log")
+
+    @property
+    def eval_log_file(self):
+        """run_eval.py's log."""
+        return os.path.join(self.root, "eval.log")
+
+    @property
+    def config_file(self):
+        return os.path.join(self.root, "config.json")
+
+    def lock_file(self, role):
+        return os.path.join(self.root, f"{role}.lock")
+
+    def hold(self, role):
+        """Context manager: this process is the experiment's only `role` ("sampler" or "scorer") while in it;
+        a second one is refused at once, with the pid of the first."""
+        script = LOCK_ROLES[role]
+
+        def refusal(pid):
+            return (
+                f"process {pid} already runs as the {role} ({script}) of {self.root}: it holds "
+                f"{self.lock_file(role)}. Wait for it to end, stop it, or use another exp_name"
+            )
+
+        return exclusive_lock(self.lock_file(role), refusal)
+
+    def in_use(self, role):
+        """Whether a process runs as the experiment's `role` now."""
+        return is_locked(self.lock_file(role))
+
+    def clear_sampler_scratch(self):
+        """Remove the scratch entries a killed run left (see clear_scratch), except under report/ and heldout/
+        (other scripts write there) and, while run_eval.py runs, under eval/; returns the removed paths."""
+        skip = ("report", "heldout") + (("eval",) if self.in_use("scorer") else ())
+        return clear_scratch(self.root, skip)
+
+    def clear_scorer_scratch(self):
+        """Remove the scratch entries under each epoch's eval/ (the scorer's files), unless a sampler runs:
+        it writes there too. Returns the removed paths."""
+        if self.in_use("sampler"):
+            return []
+        return [path for k in self.epochs() for path in clear_scratch(self.epoch(k).path("eval"))]
 
     @property
     def finished_file(self):
@@ -493,7 +671,7 @@ class ExperimentDir:
         with open(self.metrics_file) as f:
             try:
                 return [json.loads(line) for line in f if line.strip()]
-            except json.JSONDecodeError as error:
+            except ValueError as error:  # json.JSONDecodeError, or UnicodeDecodeError for binary garbage
                 raise UserError(f"metrics file {self.metrics_file} is corrupt ({error}); move it aside") from None
 
     @property

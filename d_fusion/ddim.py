@@ -41,6 +41,19 @@ def _x0_and_eps(scheduler, model_output, sample, alpha):
     return x0, eps
 
 
+def _std(alpha, alpha_prev, eta):
+    """The step's standard deviation: eta * sqrt((1 - a') / (1 - a) * (1 - a / a'))."""
+    return eta * ((1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev)).sqrt()
+
+
+def step_std(scheduler, timestep, eta):
+    """The standard deviation of the step from `timestep` (a float). It is 0 for a step onto a final
+    alpha of 1 (`set_alpha_to_one`): that step has no log-probability (SPEC section 8)."""
+    timestep = torch.as_tensor(timestep).long().view(1)
+    alpha, alpha_prev = (_alpha_cumprod(scheduler, t) for t in (timestep, previous_timestep(scheduler, timestep)))
+    return _std(alpha, alpha_prev, eta).item()
+
+
 def step_noise(generators, shape, device):
     """One standard-normal draw per sample, each from its own generator: (B, *shape)."""
     return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators]).to(device)
@@ -60,8 +73,7 @@ def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, gener
     alpha_prev = _alpha_cumprod(scheduler, previous_timestep(scheduler, timestep)).float().view(shape)
 
     x0, eps = _x0_and_eps(scheduler, model_output, sample, alpha)
-    variance = (1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev)
-    std = eta * variance.sqrt()
+    std = _std(alpha, alpha_prev, eta)
     mean = alpha_prev.sqrt() * x0 + (1 - alpha_prev - std**2).sqrt() * eps
 
     if prev_sample is None:

@@ -1,19 +1,20 @@
 """Scoring the experiment's images (SPEC section 1, step 3): run_eval.py's loop and the sampler's wait.
 
 The scorer trusts only an image set's manifest (its prompt list, published after the images it
-lists): it scores the listed images that have no score yet, in index order, and saves the scores
-after every batch. A killed scorer restarts where its last saved batch ended. The sampler gets an
-epoch's scores through `ScoreCollector.collect`: with `eval.inline` it scores in its own process
-with the same code, otherwise it waits for run_eval.py.
+lists): it scores the listed images that have no score yet, in index order and in fixed
+index-aligned chunks, and saves the scores after every chunk. A killed scorer restarts with the
+chunk of its first image without a score. The sampler gets an epoch's scores through
+`ScoreCollector.collect`: with `eval.inline` it scores in its own process with the same code,
+otherwise it waits for run_eval.py.
 """
 
 import logging
-import os
 import time
 
 from tqdm.auto import tqdm
 
 from d_fusion import distributed
+from d_fusion.cli import config_file
 from d_fusion.datadir import ExperimentDir, read_image
 from d_fusion.errors import UserError
 from d_fusion.logs import setup_logging
@@ -79,14 +80,20 @@ def score_batch(scorer, image_set, prompts, start, batch_size):
 def score_new(scorer, experiment, epoch, image_set, batch_size, batch_delay=0.0):
     """Score the images the set's manifest lists and its scores lack, in index order; returns how many.
 
-    In a run of K processes, process r scores batch r of each round of K batches; the main
-    process saves the round's scores.
+    Images are scored in fixed chunks, images [k * batch_size, (k + 1) * batch_size), so that the
+    same images always meet in the same batch, however the publishing and the polling fall (a
+    model's outputs depend on its batch in the last bits): a chunk scored while only partly listed
+    is scored again, whole, when more of it is listed. In a run of K processes, process r scores
+    chunk r of each round of K chunks; the main process saves the round's scores.
     """
     prompts, scores = published_and_scored(image_set)
     first = len(scores)
-    for round_starts, start in distributed.rounds(range(first, len(prompts), batch_size)):
+    if first == len(prompts):
+        return 0
+    for round_starts, start in distributed.rounds(range(first // batch_size * batch_size, len(prompts), batch_size)):
         batch_scores = score_batch(scorer, image_set, prompts, start, batch_size) if start is not None else []
-        scores = scores + [s for part in distributed.gather(batch_scores) for s in part]  # index order
+        # index order: the scores before the round, then the round's chunks
+        scores = scores[: round_starts[0]] + [s for part in distributed.gather(batch_scores) for s in part]
         distributed.on_main(save_scores, experiment, epoch, image_set, scores)
         done = len(scores)
         log.info("epoch %d %s: scored %d-%d (%d listed)", epoch, image_set.name, round_starts[0], done - 1, len(prompts))
@@ -103,13 +110,6 @@ def score_pending(scorer, experiment, batch_size, batch_delay=0.0):
     )
 
 
-def wait_for_folder(folder, poll_interval, exp_name):
-    if not os.path.isdir(folder):
-        log.info("waiting for %s to appear: start run_sample.py with --config.exp_name %s", folder, exp_name)
-    while not os.path.isdir(folder):
-        time.sleep(poll_interval)
-
-
 def check_eval_config(config, prompts=()):
     """Scoring settings that cannot work, and prompts the reward cannot score, fail at start-up."""
     if config.eval.batch_size < 1 or config.eval.poll_interval <= 0:
@@ -118,21 +118,42 @@ def check_eval_config(config, prompts=()):
 
 
 def run_scorer(config):
-    """run_eval.py: score every new image of the experiment until Ctrl-C (or, if asked, until it is finished)."""
+    """run_eval.py: score every new image of the experiment until Ctrl-C (or, if asked, until it is finished),
+    as its only scorer; the log goes to data/<exp_name>/eval.log too."""
     check_eval_config(config)
-    setup_logging()
     experiment = ExperimentDir(config.save_path, config.exp_name)
+    with experiment.hold("scorer"):
+        setup_logging(experiment.eval_log_file)
+        cleared = experiment.clear_scorer_scratch()
+        if cleared:
+            log.info("removed %d scratch files left by an interrupted scorer, e.g. %s", len(cleared), cleared[0])
+        watch(config, experiment)
+
+
+def watch(config, experiment):
+    """Score new images until Ctrl-C, or until the sampler has finished (eval.exit_when_finished)."""
     ev = config.eval
     try:
         scorer = load_scorer_from_config(config)
-        wait_for_folder(experiment.root, ev.poll_interval, config.exp_name)
+        if not experiment.epochs():
+            log.info(
+                "no samples in %s yet: start run_sample.py with --config.exp_name %s", experiment.root, config.exp_name
+            )
         log.info("watching %s for new images (Ctrl-C stops)", experiment.root)
+        said_finished = False
         while True:
             finished = experiment.is_finished()  # read before the pass: everything published by then is scored
             if not score_pending(scorer, experiment, ev.batch_size, ev.debug_batch_delay):
                 if finished and ev.exit_when_finished:
                     log.info("the sampler has finished and every image is scored: exiting")
                     return
+                if finished and not said_finished:
+                    log.info(
+                        "%s is finished (finished.json) and every image is scored: nothing to do until a sampler "
+                        "runs it again (Ctrl-C stops; --config.eval.exit_when_finished=True exits by itself)",
+                        experiment.root,
+                    )
+                said_finished = finished
                 time.sleep(ev.poll_interval)
     except KeyboardInterrupt:
         log.info("stopped")
@@ -182,9 +203,11 @@ class ScoreCollector:
                 elif not warned and time.monotonic() - last_progress >= ev.no_scorer_timeout:
                     log.warning(
                         "no new scores for %.0f s. Is the scorer running? Start it in another terminal with the same "
-                        "exp_name and config: python run_eval.py --config.exp_name %s, or rerun this command "
-                        "with --config.eval.inline=True to score in this process",
+                        "exp_name and config: python run_eval.py --config %s --config.exp_name %s (and this run's "
+                        "eval.* options), or rerun this command with --config.eval.inline=True to score in this "
+                        "process",
                         ev.no_scorer_timeout,
+                        config_file(),
                         self.config.exp_name,
                     )
                     warned = True

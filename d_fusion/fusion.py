@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from d_fusion import distributed
 from d_fusion.attention import Fuse, Record, fusion_processors
-from d_fusion.datadir import copy_file, write_image
+from d_fusion.datadir import copy_file, damaged_units, write_image
 from d_fusion.errors import UserError
 from d_fusion.injection import Injection, injection_from_config
 from d_fusion.masks import item_selection, load_objects, mask_picture, object_masks, union_mask
@@ -100,8 +100,8 @@ def fused_sampling(
     with fusion_processors(unet, settings.mask_resolution) as layers:
         blocks = sorted({layer.block for layer in layers})
         for i, t in enumerate(tqdm(scheduler.timesteps, desc="fused step", leave=False, disable=not progress)):
-            k_blocks = frozenset(b for b in blocks if injection.self_k.fuses(i, num_steps, b))
-            v_blocks = frozenset(b for b in blocks if injection.self_v.fuses(i, num_steps, b))
+            k_blocks = frozenset(b for b in blocks if injection.blends_k(i, num_steps, b))
+            v_blocks = frozenset(b for b in blocks if injection.blends_v(i, num_steps, b))
             reference = Record(k_blocks | v_blocks, settings.use_mask, settings.cfg)
             references.step(unet, scheduler, t, settings.eta, settings.guidance_scale, settings.cfg, {"fusion": reference})
             mask = None
@@ -214,16 +214,20 @@ def fuse_epoch(config, models, epoch_dir, epoch, samples, scores, negative_embed
         distributed.on_main(epoch_dir.injected.forget_scores)
     settings = FusionSettings.from_config(config)
     chunk = config.fusion.batch_size // 2 * 2  # whole references: each guides two targets in a row
+    # published targets with a missing or damaged file are fused again, from their pair's seeds
+    damaged = distributed.from_main(damaged_units, epoch_dir.target_files, len(published), chunk)
+    repairs = [(start, min(start + chunk, len(published))) for start, _ in damaged]
+    for (start, stop), (_, reason) in zip(repairs, damaged):
+        log.warning("epoch %d: fusing targets %d-%d again: %s", epoch, start, stop - 1, reason)
+    chunks = repairs + [(start, start + chunk) for start in range(len(published), len(pairs), chunk)]
     # with K processes, process r fuses chunk r of each round of K; the main process publishes the round
-    for round_starts, start in tqdm(
-        distributed.rounds(range(len(published), len(pairs), chunk)),
-        desc=f"epoch {epoch} fusion",
-        unit="round",
-        disable=not distributed.is_main(),
+    for round_chunks, this_chunk in tqdm(
+        distributed.rounds(chunks), desc=f"epoch {epoch} fusion", unit="round", disable=not distributed.is_main()
     ):
-        if start is not None:
-            chunk_pairs = pairs[start : start + chunk]
+        if this_chunk is not None:
+            chunk_pairs = pairs[slice(*this_chunk)]
             fuse_pairs(config, models, epoch_dir, epoch, samples, chunk_pairs, negative_embeds, objects, settings)
-        distributed.on_main(epoch_dir.injected.publish, target_prompts[: round_starts[-1] + chunk])
+        listed = max(len(published), round_chunks[-1][1])  # a round of repairs lists nothing new
+        distributed.on_main(epoch_dir.injected.publish, target_prompts[:listed])
     log.info("epoch %d: %d targets in %s", epoch, len(pairs), epoch_dir.injected.folder)
     return pairs

@@ -19,7 +19,7 @@ from d_fusion.datadir import CheckpointDir, ExperimentDir, checkpoints_in, read_
 from d_fusion.errors import UserError
 from d_fusion.logs import setup_logging
 from d_fusion.models import load_models_from_config
-from d_fusion.prompts import epoch_samples, read_prompt_file
+from d_fusion.prompts import epoch_samples, read_prompt_file, warn_long_prompts
 from d_fusion.sampling import decode_images, encode_prompts, sample_generators, sample_trajectories
 from d_fusion.scoring import check_reward, load_scorer_from_config, reward_settings
 from d_fusion.training import add_lora
@@ -65,6 +65,7 @@ class HeldoutEvaluator:
     def models(self):
         if self._models is None:
             self._models = load_models_from_config(self.config)
+            warn_long_prompts(self._models.tokenizer, self.samples)
         return self._models
 
     def scorer(self):

@@ -5,6 +5,11 @@
 (an empty entry: never). Steps: `lo <= num_steps - 1 - i < hi` for step index i (0 is the
 noisiest). Blocks: `lo <= block <= hi`, numbering the UNet's cross-attention blocks in
 forward order (down, mid, up).
+
+What the flags do is what they do in the release (SPEC section 6): the self-attention Q flag,
+with its own ranges, is the fusion switch (the target keeps its own query); where it is on, the
+self K and V flags, each with its own ranges, say which of K and V come from the reference.
+The cross-attention flags are parsed and checked but do not act.
 """
 
 from dataclasses import dataclass
@@ -44,6 +49,14 @@ class Injection:
     cross_q: ComponentInjection
     cross_k: ComponentInjection
     cross_v: ComponentInjection
+
+    def blends_k(self, step_index, num_steps, block):
+        """Whether the target's self-attention in `block` at step `step_index` takes K from the reference."""
+        return self.self_q.fuses(step_index, num_steps, block) and self.self_k.fuses(step_index, num_steps, block)
+
+    def blends_v(self, step_index, num_steps, block):
+        """Whether the target's self-attention in `block` at step `step_index` takes V from the reference."""
+        return self.self_q.fuses(step_index, num_steps, block) and self.self_v.fuses(step_index, num_steps, block)
 
 
 def _split(text, field):

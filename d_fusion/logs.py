@@ -1,11 +1,12 @@
-"""A readable log: to the terminal and to the experiment's run.log."""
+"""A readable log: to stdout (progress bars stay on stderr) and to the experiment's log file."""
 
 import logging
 import os
+import sys
 
 
 def setup_logging(log_file=None, level=logging.INFO):
-    handlers = [logging.StreamHandler()]
+    handlers = [logging.StreamHandler(sys.stdout)]
     if log_file:
         os.makedirs(os.path.dirname(log_file), exist_ok=True)
         handlers.append(logging.FileHandler(log_file))
@@ -14,3 +15,11 @@ def setup_logging(log_file=None, level=logging.INFO):
     )
     for noisy in ("diffusers", "transformers", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def record_fatal(message):
+    """Write the error that ends the run to the log files only (the terminal gets it on stderr)."""
+    record = logging.LogRecord("d_fusion", logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)

@@ -4,8 +4,10 @@ import logging
 import os
 from dataclasses import dataclass
 
+import huggingface_hub
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from huggingface_hub.errors import LocalEntryNotFoundError
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from d_fusion import distributed
@@ -97,9 +99,34 @@ def check_model_path(name):
         )
 
 
+HUB_TIMEOUT = 20  # seconds to reach the hub before a hub id that is not downloaded yet fails
+
+
+def check_hub_reachable(model, revision):
+    """A hub id that is not in the local cache must be downloadable: one look at the hub, at most
+    HUB_TIMEOUT seconds, instead of from_pretrained's minutes of retries without a network."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return  # from_pretrained reads the cache only, and fails at once without it
+    try:
+        huggingface_hub.snapshot_download(model, revision=revision, local_files_only=True)
+        return  # downloaded before
+    except LocalEntryNotFoundError:
+        pass
+    try:
+        huggingface_hub.model_info(model, revision=revision, timeout=HUB_TIMEOUT)
+    except Exception as error:  # no network, a timeout, an unknown id: the hub's and httpx's error types
+        raise UserError(
+            f"config.pretrained.model = {model!r} is not downloaded and the Hugging Face hub cannot give it "
+            f"({type(error).__name__}: {error}). Download it on a machine with a network (e.g. hf "
+            f"download {model} --local-dir sd21) and pass its folder: --config.pretrained.model sd21"
+        ) from None
+
+
 def load_models(model, revision="main", mixed_precision="fp16", dev_id=0):
     """Every part of Stable Diffusion, frozen, on the device, in the inference dtype."""
     check_model_path(model)
+    if not os.path.isdir(model):
+        check_hub_reachable(model, revision)
     device = resolve_device(dev_id)
     dtype = inference_dtype(mixed_precision, device)
     kwargs = {} if os.path.isdir(model) else {"revision": revision}
@@ -126,7 +153,7 @@ def load_models_from_config(config):
     if config.pretrained.tiny:
         from d_fusion.tiny import build_missing
 
-        build_missing(config.pretrained.model)
+        build_missing(config.pretrained.model, config.tiny_cache)
     torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
     torch.backends.cudnn.allow_tf32 = config.allow_tf32
     dev_id = distributed.device_id(config.dev_id)

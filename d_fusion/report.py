@@ -224,6 +224,22 @@ def _figure(num_panels):
     return figure, axes[0]
 
 
+SCORE_SPAN = 0.05  # the least y range of a score plot: CLIP scores move by hundredths, not in their last digits
+LOSS_SPAN = 0.05
+
+
+def readable_y(axis, values, min_span, limits=None):
+    """Plain tick labels (no offset label such as 1e-7+6.93147e-1) and a y range of `limits`, or of at
+    least `min_span` around `values`, so that noise in their last digits does not fill the plot."""
+    axis.ticklabel_format(axis="y", style="plain", useOffset=False)
+    low, high = min(values), max(values)
+    if limits:
+        axis.set_ylim(*limits)
+    elif high - low < min_span:
+        middle = (low + high) / 2
+        axis.set_ylim(middle - min_span / 2, middle + min_span / 2)
+
+
 def clip_curve(views):
     """Mean CLIP score of the samples and of the targets per epoch; None before any score."""
     samples = [(v.epoch, _mean(v.scores)) for v in views if v.scores]
@@ -234,6 +250,7 @@ def clip_curve(views):
     for points, label in ((samples, "samples (images/)"), (targets, "targets (injected_images/)")):
         if points:
             axis.plot(*zip(*points), marker="o", label=label)
+    readable_y(axis, [score for _, score in samples + targets], SCORE_SPAN)
     axis.set(xlabel="epoch", ylabel="mean CLIP score", title="CLIP score")
     axis.legend()
     return figure
@@ -248,6 +265,8 @@ def training_curve(metrics):
     for axis, name in zip(axes, names):
         points = [(m["epoch"], m[name]) for m in metrics if name in m]
         axis.plot(*zip(*points), marker="o")
+        limits = (-0.05, 1.05) if name == "accuracy" else None  # a fraction
+        readable_y(axis, [value for _, value in points], LOSS_SPAN, limits)
         axis.set(xlabel="epoch", ylabel=name, title=f"training {name}")
     return figure
 
@@ -264,6 +283,7 @@ def heldout_curve(means):
         if "base" in models:
             colour = line[0].get_color() if line else None
             axis.axhline(models["base"], linestyle="--", color=colour, label=f"{prompt_set}: base model")
+    readable_y(axis, [mean for models in means.values() for mean in models.values()], SCORE_SPAN)
     axis.set(xlabel="epoch of the checkpoint", ylabel="mean CLIP score", title="held-out prompts")
     axis.legend()
     return figure

@@ -53,7 +53,7 @@ class ClipScorer:
         if config.pretrained.tiny:
             from d_fusion.tiny import build_missing
 
-            build_missing(config.eval.model)
+            build_missing(config.eval.model, config.tiny_cache)
         return load_scorer(config.eval.model, config.eval.pretrained, distributed.device_id(config.dev_id))
 
     @staticmethod

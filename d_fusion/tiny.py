@@ -188,10 +188,16 @@ def build_tiny_models(out_dir):
     return out_dir
 
 
-def build_missing(folder):
-    """Build the tiny models beside `folder` (one of them, e.g. `.../sd`) when it does not exist."""
-    if not os.path.isdir(folder):
-        build_tiny_models(os.path.dirname(folder.rstrip("/")))
+TINY_MODELS = ("sd", "clip")  # the folders build_tiny_models writes
+
+
+def build_missing(folder, tiny_cache):
+    """Build the tiny models into `tiny_cache` when `folder` is one of them (`tiny_cache/sd` or
+    `tiny_cache/clip`) and does not exist. Any other folder is left alone: a mistyped model path
+    fails to load instead of getting a random model, and nothing is written outside `tiny_cache`."""
+    parent, name = os.path.split(os.path.abspath(folder))
+    if name in TINY_MODELS and parent == os.path.abspath(tiny_cache) and not os.path.isdir(folder):
+        build_tiny_models(tiny_cache)
 
 
 if __name__ == "__main__":

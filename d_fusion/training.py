@@ -28,7 +28,7 @@ from peft import LoraConfig
 
 from d_fusion import distributed
 from d_fusion.checkpoints import find_checkpoint, resume, save_epoch_checkpoint
-from d_fusion.ddim import ddim_step_with_logprob
+from d_fusion.ddim import ddim_step_with_logprob, step_std
 from d_fusion.errors import UserError
 from d_fusion.sampling import Trajectories, encode_prompts, guided_noise
 
@@ -98,6 +98,12 @@ class Policy:
         """The scheduler's step spacing, which `transition` uses for t' (sampling sets the same)."""
         self.models.scheduler.set_timesteps(num_steps, device=self.models.device)
 
+    def trainable_steps(self):
+        """The step indices of the spacing set last whose std is > 0: a step with std 0 (onto a final
+        alpha of 1) has no log-probability and is never trained on (SPEC section 8)."""
+        scheduler = self.models.scheduler
+        return [j for j, t in enumerate(scheduler.timesteps) if step_std(scheduler, t.cpu(), self.eta) > 0]
+
     @torch.no_grad()
     def trajectory_log_probs(self, trajectories, prompt_embeds):
         """Log-probs (B, T) of every step of stored trajectories under the current policy."""
@@ -155,9 +161,10 @@ def per_prompt_advantages(scores, prompts, clip):
     return advantages.clamp(-clip, clip)
 
 
-def train_timesteps(num_steps, fraction, generator):
-    """The first floor(num_steps * fraction) steps of a random permutation of the steps."""
-    return torch.randperm(num_steps, generator=generator)[: int(num_steps * fraction)].tolist()
+def train_timesteps(steps, fraction, generator):
+    """The first floor(len(steps) * fraction) of a random permutation of `steps` (step indices)."""
+    steps = list(steps)
+    return [steps[i] for i in torch.randperm(len(steps), generator=generator)[: int(len(steps) * fraction)].tolist()]
 
 
 # ---------------------------------------------------------------- the epoch's training data
@@ -314,14 +321,14 @@ class Trainer:
         train = self.config.train
         generator = self.epoch_generator(epoch)
         metrics = MetricsSum()
-        num_steps = self.config.sample.num_steps
-        self.policy.set_timesteps(num_steps)
+        self.policy.set_timesteps(self.config.sample.num_steps)
+        steps = self.policy.trainable_steps()
         group_size = train.batch_size * train.gradient_accumulation_steps * distributed.world_size()
         for _ in range(train.num_inner_epochs):
             order = torch.randperm(num_items, generator=generator)
             for group in order.split(group_size):
                 # every process draws every item's timesteps (one random stream), then trains on its share
-                item_steps = [(i, train_timesteps(num_steps, train.timestep_fraction, generator)) for i in group.tolist()]
+                item_steps = [(i, train_timesteps(steps, train.timestep_fraction, generator)) for i in group.tolist()]
                 for item, steps in distributed.shard(item_steps):
                     for step in steps:
                         with self.accelerator.autocast():

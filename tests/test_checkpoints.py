@@ -110,3 +110,18 @@ def test_save_interval_limit_and_bad_resume(config):
     save_epoch_checkpoint(trainer, experiment, 3)
     assert [c.epoch for c in checkpoints_in(experiment.checkpoints)] == [3]
 
+
+
+def test_a_checkpoint_with_a_missing_file_is_ignored_and_the_log_says_so(config, caplog):
+    experiment = ExperimentDir(config.save_path, config.exp_name)
+    trainer = new_trainer(config)
+    for epoch in range(2):
+        save_checkpoint(trainer, experiment, epoch)
+    os.remove(experiment.checkpoint(1).state_file)
+    with caplog.at_level("WARNING", logger="d_fusion.checkpoints"):
+        assert resume(new_trainer(config), config, experiment) == 1  # after checkpoint 0: epoch 1 is trained again
+    warnings = [r.getMessage() for r in caplog.records if r.name == "d_fusion.checkpoints" and r.levelname == "WARNING"]
+    assert warnings == [
+        f"{experiment.checkpoint(1).root} lacks training_state.json: it is ignored, so epoch 1 is trained again "
+        "if the run gets there"
+    ]

@@ -1,6 +1,10 @@
 import logging
 import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -11,6 +15,7 @@ from d_fusion.errors import UserError
 from d_fusion.evaluator import ScoreCollector, run_scorer, score_pending
 from d_fusion.scoring import load_scorer
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a cat playing chess"] * 4 + ["a dog driving a car"] * 4  # 8 images, two prompts
 
 
@@ -63,10 +68,23 @@ def test_scores_only_listed_images_in_order_and_each_once(experiment, scorer):
     sampled.publish(PROMPTS)
     assert score_pending(counting, experiment, batch_size=2) == 5
     assert score_pending(counting, experiment, batch_size=2) == 0
-    assert sum(counting.scored) == 8  # every image scored once
+    assert counting.scored == [2, 1, 2, 2, 2]  # every image once, but the chunk [2, 3], scored again whole
     saved = read_json(sampled.scores_file)
     assert saved["count"] == 8 and saved["scores"] == pytest.approx(expected, abs=1e-5)
     assert saved["mean"] == pytest.approx(np.mean(expected))
+
+
+def test_scores_do_not_depend_on_when_images_were_published(tmp_path, experiment, scorer):
+    at_once = ExperimentDir(str(tmp_path), "at_once").epoch(0).sampled
+    draw_images(at_once, len(PROMPTS))
+    at_once.publish(PROMPTS)
+    score_pending(scorer, ExperimentDir(str(tmp_path), "at_once"), batch_size=4)
+
+    sampled = experiment.epoch(0).sampled
+    for listed in (1, 3, 6, 8):  # the scorer polls while the sampler publishes
+        sampled.publish(PROMPTS[:listed])
+        score_pending(scorer, experiment, batch_size=4)
+    assert sampled.read_scores() == at_once.read_scores()  # bit for bit: the same images met in each batch
 
 
 def test_killed_scorer_resumes_where_its_last_saved_batch_ended(experiment, scorer):
@@ -159,7 +177,8 @@ def test_waiting_sampler_says_once_how_to_start_the_scorer(experiment, scorer, c
     assert len(scores) == 8 and scores == sampled.read_scores()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
-    assert "run_eval.py --config.exp_name test" in warnings[0] and "--config.eval.inline=True" in warnings[0]
+    assert "run_eval.py --config config/config.py --config.exp_name test" in warnings[0]
+    assert "--config.eval.inline=True" in warnings[0]
 
 
 def test_run_eval_waits_for_the_experiment_and_exits_when_it_is_finished(tmp_path, scorer, monkeypatch):
@@ -179,3 +198,72 @@ def test_run_eval_waits_for_the_experiment_and_exits_when_it_is_finished(tmp_pat
     watcher.join(timeout=60)
     assert not watcher.is_alive()
     assert [len(experiment.epoch(k).sampled.read_scores()) for k in (0, 1)] == [8, 8]
+    with open(experiment.eval_log_file) as f:  # run_eval.py's own log
+        log_text = f.read()
+    assert "watching" in log_text and "epoch 1 images: scored 0-7" in log_text
+
+
+def test_a_second_scorer_is_refused_at_once(tmp_path, monkeypatch):
+    loads = []
+    monkeypatch.setattr(evaluator, "load_scorer_from_config", lambda config: loads.append(1))
+    config = experiment_config(inline=False)
+    config.save_path = str(tmp_path)
+    with ExperimentDir(str(tmp_path), "test").hold("scorer"):
+        with pytest.raises(UserError, match=f"process {os.getpid()} already runs as the scorer \\(run_eval.py\\)"):
+            run_scorer(config)
+    assert loads == []
+
+
+def test_the_scorer_clears_scratch_under_eval_when_no_sampler_runs(tmp_path, scorer, monkeypatch):
+    monkeypatch.setattr(evaluator, "load_scorer_from_config", lambda config: scorer)
+    config = experiment_config(inline=False, exit_when_finished=True)
+    config.save_path = str(tmp_path)
+    experiment = ExperimentDir(str(tmp_path), "test")
+    left = experiment.epoch(0).path("eval", ".tmp-scores.json")
+    os.makedirs(os.path.dirname(left))
+    open(left, "w").close()
+    experiment.mark_finished(1)
+    run_scorer(config)
+    assert not os.path.exists(left)
+
+
+def test_a_scorer_on_a_finished_experiment_says_so(tmp_path, scorer, monkeypatch):
+    monkeypatch.setattr(evaluator, "load_scorer_from_config", lambda config: scorer)
+    config = experiment_config(inline=False)
+    config.save_path = str(tmp_path)
+    experiment = ExperimentDir(str(tmp_path), "test")
+    draw_images(experiment.epoch(0).sampled, len(PROMPTS))
+    experiment.epoch(0).sampled.publish(PROMPTS)
+    experiment.mark_finished(1)
+
+    def ctrl_c(seconds):  # at the scorer's first wait for new images (not the 0 s pause after a batch)
+        if seconds:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluator.time, "sleep", ctrl_c)
+    run_scorer(config)
+    with open(experiment.eval_log_file) as f:
+        log_text = f.read()
+    assert "epoch 0 images: scored 0-7" in log_text
+    assert f"{experiment.root} is finished (finished.json) and every image is scored: nothing to do" in log_text
+
+
+def test_run_eval_logs_to_stdout_and_eval_log_and_a_second_one_stops_at_once(tiny_dir, tmp_path):
+    command = [
+        sys.executable, "run_eval.py", "--config", "config/config.py:tiny", "--config.exp_name", "x",
+        "--config.save_path", str(tmp_path), "--config.eval.model", os.path.join(tiny_dir, "clip"),
+    ]  # fmt: skip
+    eval_log = ExperimentDir(str(tmp_path), "x").eval_log_file
+    first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (os.path.exists(eval_log) and "watching" in open(eval_log).read()):
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert f"process {first.pid} already runs as the scorer (run_eval.py)" in second.stderr
+    finally:
+        first.send_signal(signal.SIGINT)
+        out, err = first.communicate(timeout=60)
+    assert "watching" in out and "watching" not in err  # log lines on stdout, as README's `> log` expects

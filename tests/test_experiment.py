@@ -1,13 +1,16 @@
 """The epoch loop's sampling stage: complete outputs, and a crash that loses nothing."""
 
 import os
+import re
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import d_fusion.experiment as experiment
-from d_fusion.datadir import ExperimentDir
+from d_fusion.datadir import ExperimentDir, read_json
+from d_fusion.errors import UserError
 from d_fusion.models import load_models_from_config
 from d_fusion.prompts import epoch_samples, load_prompts
 from d_fusion.sampling import encode_prompts
@@ -66,3 +69,103 @@ def test_tiny_config_builds_its_model_on_first_use(tiny_config, tmp_path):
     tiny_config.pretrained.model = tiny_config.tiny_cache + "/sd"
     models = load_models_from_config(tiny_config)
     assert os.path.isdir(tiny_config.pretrained.model) and models.resolution == 128
+
+
+class ModelsWouldLoad(Exception):
+    """Raised in place of loading the models: the run got past its start-up checks."""
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    def refuse(config):
+        raise ModelsWouldLoad
+
+    monkeypatch.setattr(experiment, "load_models_from_config", refuse)
+
+
+def test_a_second_sampler_stops_at_once_naming_the_first(tiny_config, no_models):
+    with ExperimentDir(tiny_config.save_path, tiny_config.exp_name).hold("sampler"):
+        with pytest.raises(UserError, match=f"process {os.getpid()} already runs as the sampler \\(run_sample.py\\)"):
+            experiment.run_experiment(tiny_config)
+    with pytest.raises(ModelsWouldLoad):  # the lock went with the first sampler
+        experiment.run_experiment(tiny_config)
+
+
+def test_an_empty_exp_name_gets_a_timestamped_name_printed_at_start_up(tiny_config, monkeypatch, capsys):
+    started = []
+    monkeypatch.setattr(experiment, "run_epochs", lambda config, exp: started.append(exp.root))
+    tiny_config.exp_name = ""
+    experiment.run_experiment(tiny_config)
+    name = tiny_config.exp_name
+    assert re.fullmatch(r"\d{4}\.\d\d\.\d\d_\d\d\.\d\d\.\d\d", name)
+    assert started == [os.path.join(tiny_config.save_path, name)]
+    assert f"--config.exp_name {name}" in capsys.readouterr().out
+
+
+def test_start_up_records_the_settings_and_a_rerun_that_changes_one_stops(tiny_config, no_models):
+    with pytest.raises(ModelsWouldLoad):
+        experiment.run_experiment(tiny_config)
+    recorded = ExperimentDir(tiny_config.save_path, tiny_config.exp_name).config_file
+    assert read_json(recorded)["config"]["train"]["learning_rate"] == tiny_config.train.learning_rate
+
+    tiny_config.seed, tiny_config.train.learning_rate = 7, 1e-3
+    with pytest.raises(UserError, match=r"seed: 42 -> 7; train.learning_rate: 0.0001 -> 0.001\. Rerun"):
+        experiment.run_experiment(tiny_config)
+    tiny_config.seed, tiny_config.train.learning_rate = 42, 1e-4
+    tiny_config.train.num_epochs, tiny_config.eval.poll_interval, tiny_config.report.each_epoch = 9, 0.5, True
+    with pytest.raises(ModelsWouldLoad):  # settings that may change do not stop it
+        experiment.run_experiment(tiny_config)
+
+
+def test_start_up_clears_the_scratch_of_a_killed_run(tiny_config, no_models):
+    epoch_dir = ExperimentDir(tiny_config.save_path, tiny_config.exp_name).epoch(0)
+    left = epoch_dir.path("images", ".tmp-x.png")
+    os.makedirs(os.path.dirname(left))
+    open(left, "w").close()
+    with pytest.raises(ModelsWouldLoad):
+        experiment.run_experiment(tiny_config)
+    assert not os.path.exists(left)
+
+
+def test_start_up_warns_about_a_prompt_the_text_encoder_cuts(tiny_config, monkeypatch, capsys):
+    class SamplingWouldStart(Exception):
+        pass
+
+    def refuse(*args):
+        raise SamplingWouldStart
+
+    monkeypatch.setattr(experiment, "ScoreCollector", refuse)
+    tiny_config.prompt_file = tiny_config.item_idx_file = ""
+    tiny_config.prompt = "a cat playing chess" + " and a big dog" * 20
+    with pytest.raises(SamplingWouldStart):
+        experiment.run_experiment(tiny_config)
+    assert f"the prompt {tiny_config.prompt!r} has 84 tokens" in capsys.readouterr().out
+
+
+def test_an_inline_scorer_that_cannot_load_fails_before_any_sampling(tiny_config, tmp_path, monkeypatch):
+    sampled = []
+    monkeypatch.setattr(experiment, "sample_epoch", lambda *args: sampled.append(args))
+    tiny_config.eval.model = str(tmp_path / "no-such-clip")
+    with pytest.raises(UserError, match="could not load the CLIP scorer"):
+        experiment.run_experiment(tiny_config)
+    assert sampled == [] and not os.path.exists(tmp_path / "no-such-clip")
+
+
+def test_a_published_sample_with_a_missing_or_damaged_file_is_regenerated(small_config, tiny_sd, caplog):
+    epoch_dir, samples = run_sampling(small_config, tiny_sd)
+    images = [np.asarray(Image.open(epoch_dir.image_path(i))) for i in range(len(samples))]
+    latents = [epoch_dir.load_trajectory(i)["latents"].clone() for i in range(len(samples))]  # not the mapped file
+    second_batch = {i: os.path.getmtime(epoch_dir.image_path(i)) for i in (2, 3)}
+    os.remove(epoch_dir.image_path(1))
+    with open(epoch_dir.trajectory_path(0), "r+b") as f:
+        f.truncate(100)
+
+    with caplog.at_level("WARNING", logger="d_fusion.experiment"):
+        run_sampling(small_config, tiny_sd)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "d_fusion.experiment" and r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith("epoch 0: regenerating samples 0-1 from their seeds: ")
+    for i in range(len(samples)):  # every sample regenerates exactly from its seed
+        assert np.array_equal(np.asarray(Image.open(epoch_dir.image_path(i))), images[i])
+        assert torch.equal(epoch_dir.load_trajectory(i)["latents"], latents[i])
+    assert {i: os.path.getmtime(epoch_dir.image_path(i)) for i in (2, 3)} == second_batch
+    assert epoch_dir.published_prompts() == samples

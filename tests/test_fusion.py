@@ -87,10 +87,20 @@ def test_fusion_happens_exactly_at_the_specs_steps_and_blocks(tiny_sd):
     # the release's defaults with 20 steps: steps 2..19, blocks 3..6
     result = fuse(tiny_sd, settings(20, inject_t="0-18,0-18,0-18,0-18,0-18,", use_mask=False), bases=(5,), guide=(0,))
     assert set(result.fused) == {(i, b) for i in range(2, 20) for b in range(3, 7)}
-    # keys off; values at lo <= 19 - i < hi = 10..14 and blocks 4..5
-    values_only = settings(20, "T,F,T,F,F,F", inject_t=",,5-10,,,", inject_l=",,4-5,,,", use_mask=False)
+    # the self Q flag is the switch: with its own ranges narrower than K's and V's, fusion follows Q's
+    q_narrow = settings(20, inject_t="5-10,0-18,0-18,,,", inject_l="4-5,3-6,3-6,,,", use_mask=False)
+    result = fuse(tiny_sd, q_narrow, bases=(5,), guide=(0,))
+    assert set(result.fused) == {(i, b) for i in range(10, 15) for b in (4, 5)}
+    # keys off; values at lo <= 19 - i < hi = 10..14 and blocks 4..5, inside Q's ranges
+    values_only = settings(20, "T,F,T,F,F,F", inject_t="0-18,,5-10,,,", inject_l="3-6,,4-5,,,", use_mask=False)
     result = fuse(tiny_sd, values_only, bases=(5,), guide=(0,))
     assert set(result.fused) == {(i, b) for i in range(10, 15) for b in (4, 5)}
+
+
+def test_self_q_off_does_not_fuse_as_in_the_release(tiny_sd):
+    result = fuse(tiny_sd, settings(inject_component="F,T,T,T,T,F", base_pass=True))
+    assert result.fused == []
+    assert torch.equal(result.targets.latents, result.bases.latents)
 
 
 @pytest.fixture
@@ -179,3 +189,33 @@ def test_start_up_checks(one_prompt_config):
     config.item_idx = [1, 7]
     with pytest.raises(UserError, match="word positions"):
         check_fusion_inputs(config, [PROMPT])
+
+
+def test_a_published_target_with_a_missing_or_damaged_file_is_fused_again(tiny_sd, one_prompt_config, caplog):
+    from d_fusion.datadir import ExperimentDir
+
+    config = one_prompt_config
+    config.sample.batch_size, config.sample.num_batches_per_epoch, config.fusion.batch_size = 2, 4, 2
+    samples, scores = [PROMPT] * 8, [0.1, 0.9, 0.5, 0.3, 0.8, 0.2, 0.4, 0.7]
+    objects = check_fusion_inputs(config, [PROMPT])
+    epoch_dir = ExperimentDir(config.save_path, config.exp_name).epoch(0)
+    negative = encode_prompts(tiny_sd, [""])
+    sample_epoch(config, tiny_sd, epoch_dir, 0, samples, negative)
+    fuse_epoch(config, tiny_sd, epoch_dir, 0, samples, scores, negative, objects)
+    made = [epoch_dir.load_injected_trajectory(t)["latents"].clone() for t in range(4)]
+    untouched = {path: os.path.getmtime(path) for path in epoch_dir.target_files(0) + epoch_dir.target_files(1)}
+
+    os.remove(epoch_dir.injected_trajectory_path(2))  # chunk [2, 3]: a missing trajectory,
+    with open(epoch_dir.base_image_path(3), "wb") as f:  # a damaged copy of a base
+        f.write(b"\x89PNG half")
+    with caplog.at_level("WARNING", logger="d_fusion.fusion"):
+        fuse_epoch(config, tiny_sd, epoch_dir, 0, samples, scores, negative, objects)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "d_fusion.fusion" and r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith("epoch 0: fusing targets 2-3 again: ")
+    for target in range(4):
+        remade = epoch_dir.load_injected_trajectory(target)["latents"]
+        torch.testing.assert_close(remade, made[target], atol=1e-5, rtol=0)
+    with open(epoch_dir.base_image_path(3), "rb") as f, open(epoch_dir.image_path(0), "rb") as g:  # target 3's base
+        assert f.read() == g.read()
+    assert {path: os.path.getmtime(path) for path in untouched} == untouched  # chunk [0, 1] is not made again
+    assert epoch_dir.injected.published_prompts() == [PROMPT] * 4

@@ -89,7 +89,7 @@ def test_sampler_and_scorer_processes_hand_over_survive_kills_and_reuse_work(tin
     killed_at = len(sampled.read_scores())
     assert 1 <= killed_at < NUM_IMAGES
     sampler.wait_until(lambda: "--config.eval.inline=True" in sampler.log())
-    assert "run_eval.py --config.exp_name handover" in sampler.log()
+    assert "run_eval.py --config config/config.py:tiny --config.exp_name handover" in sampler.log()  # its --config too
     sampler.stop(signal.SIGKILL)
     published = {path: os.stat(path).st_mtime_ns for path in map(sampled.image_path, range(NUM_IMAGES))}
 
@@ -102,8 +102,10 @@ def test_sampler_and_scorer_processes_hand_over_survive_kills_and_reuse_work(tin
     assert os.path.exists(ExperimentDir(save_path, "handover").finished_file)
     assert scorer.stop(signal.SIGINT) == 0  # Ctrl-C: a clean exit
     assert "Traceback" not in scorer.log()
-    assert f"epoch 0 images: scored {killed_at}-" in scorer.log()
-    assert "epoch 0 images: scored 0-" not in scorer.log()
+    # it goes on from the chunk of 2 (its batch size) that holds the first image without a score
+    resumed_at = killed_at // 2 * 2
+    assert f"epoch 0 images: scored {resumed_at}-" in scorer.log()
+    assert resumed_at == 0 or "epoch 0 images: scored 0-" not in scorer.log()
     injected = ExperimentDir(save_path, "handover").epoch(0).injected  # the targets were handed over too
     assert 0 < len(injected.read_scores()) == len(injected.published_prompts())
 

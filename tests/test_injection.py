@@ -16,6 +16,23 @@ def test_defaults_fuse_self_k_v_at_steps_2_to_19_in_blocks_3_to_6():
     assert not injection.cross_v.fuses(5, 20, 4)
 
 
+def test_self_q_is_the_switch_and_k_v_say_what_is_blended():
+    steps, blocks = range(20), range(7)
+
+    def blended(injection):
+        k = {(i, b) for i in steps for b in blocks if injection.blends_k(i, 20, b)}
+        v = {(i, b) for i in steps for b in blocks if injection.blends_v(i, 20, b)}
+        return k, v
+
+    ranges = "0-18,0-18,0-18,,,", "3-6,3-6,3-6,,,"
+    both = {(i, b) for i in range(2, 20) for b in range(3, 7)}
+    assert blended(parse_injection("T,T,T,F,F,F", *ranges)) == (both, both)
+    assert blended(parse_injection("F,T,T,T,T,F", *ranges)) == (set(), set())  # the release does not fuse
+    assert blended(parse_injection("T,T,F,F,F,F", *ranges)) == (both, set())
+    q_late = parse_injection("T,T,T,F,F,F", "0-5,0-18,0-18,,,", "3-6,3-6,3-6,,,")
+    assert blended(q_late)[0] == {(i, b) for i in range(15, 20) for b in range(3, 7)}
+
+
 def test_empty_entries_never_fuse():
     injection = parse_injection("T,T,T,T,T,T", ",,,,,", "0-6,0-6,0-6,0-6,0-6,0-6")
     assert not any(injection.self_k.at_step(i, 20) for i in range(20))

@@ -32,3 +32,26 @@ def test_folder_without_model_parts_is_named(tmp_path):
     os.makedirs(tmp_path / "unet")
     with pytest.raises(UserError, match="lacks vae/, text_encoder/, tokenizer/, scheduler/"):
         load_models(str(tmp_path))
+
+
+def test_a_hub_id_without_network_fails_at_once_saying_to_download_it(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    looks = []
+
+    def not_cached(model, **kwargs):
+        raise LocalEntryNotFoundError("not in the cache")
+
+    def no_network(model, revision=None, timeout=None):
+        looks.append(timeout)
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", not_cached)
+    monkeypatch.setattr(huggingface_hub, "model_info", no_network)
+    with pytest.raises(UserError, match="is not downloaded and the Hugging Face hub cannot give it") as error:
+        load_models("stabilityai/stable-diffusion-2-1-base")
+    assert "hf download stabilityai/stable-diffusion-2-1-base" in str(error.value)
+    assert "--config.pretrained.model" in str(error.value)
+    assert len(looks) == 1 and looks[0] <= 30  # one look, with a timeout well under from_pretrained's retries

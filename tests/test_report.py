@@ -242,3 +242,17 @@ def test_the_sampler_updates_the_report_of_a_tiny_run(tiny_config):
     pairs = experiment.epoch(0).read_injected_map()
     assert shown[(0, "injected_images")] == {0, 1} and shown[(0, "images")] == {i for pair in pairs for i in pair}
     assert os.path.isfile(experiment.report.epoch_grid(0)) and os.path.isfile(experiment.report.curves("training"))
+
+
+def test_curves_have_plain_tick_labels_and_do_not_magnify_noise():
+    from d_fusion.report import heldout_curve, training_curve
+
+    metrics = [dict(epoch=0, loss=0.6931471, accuracy=0.5), dict(epoch=1, loss=0.6931472, accuracy=0.5)]
+    figures = [training_curve(metrics), heldout_curve({"template1_test": {"base": 0.3001, "checkpoint_1": 0.3003}})]
+    axes = [axis for figure in figures for axis in figure.axes]
+    for figure in figures:
+        figure.canvas.draw()
+    assert [axis.yaxis.get_major_formatter().get_offset() for axis in axes] == ["", "", ""]  # no 1e-7+6.93147e-1
+    loss, accuracy, heldout = (axis.get_ylim() for axis in axes)
+    assert loss[1] - loss[0] >= 0.05 and heldout[1] - heldout[0] >= 0.05
+    assert accuracy == (-0.05, 1.05)

@@ -76,7 +76,7 @@ def test_tiny_config_builds_a_missing_scorer_on_first_use(tiny_config, clip_dir,
     cache = tmp_path / "cache"
     cache.mkdir()
     os.symlink(os.path.join(os.path.dirname(clip_dir), "sd"), cache / "sd")  # an older cache: no clip/ yet
-    tiny_config.eval.model = str(cache / "clip")
+    tiny_config.tiny_cache, tiny_config.eval.model = str(cache), str(cache / "clip")
     scorer = load_scorer_from_config(tiny_config)
     assert sorted(os.listdir(cache / "clip")) == ["open_clip_config.json", "open_clip_model.safetensors"]
     assert scorer.score(images, PROMPTS) == pytest.approx(load_scorer(clip_dir).score(images, PROMPTS), abs=1e-6)

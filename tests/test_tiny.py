@@ -1,9 +1,11 @@
 """The tiny model: SD 2.1's topology scaled down, and a real CLIP tokenizer built offline."""
 
+import os
+
 import open_clip
 import pytest
 
-from d_fusion.tiny import SD_SCHEDULER
+from d_fusion.tiny import SD_SCHEDULER, build_missing
 
 
 @pytest.mark.parametrize(
@@ -32,8 +34,15 @@ def test_unet_has_sd21_topology(tiny_sd):
 
 
 def test_folder_is_the_standard_diffusers_layout(tiny_dir):
-    import os
-
     sd = os.path.join(tiny_dir, "sd")
     for part in ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json"):
         assert os.path.exists(os.path.join(sd, part)), part
+
+
+def test_tiny_models_are_built_only_into_the_tiny_cache(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cache = str(tmp_path / "cache")
+    build_missing(str(tmp_path / "cahce" / "sd"), cache)  # a mistyped pretrained.model
+    build_missing("ViT-B-32", cache)  # an architecture name as eval.model: nothing in the current folder
+    build_missing(os.path.join(cache, "unet"), cache)  # not one of the tiny models
+    assert os.listdir(tmp_path) == []

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from diffusers import DDIMScheduler
 
 from d_fusion.errors import UserError
 from d_fusion.sampling import encode_prompts, guided_noise, sample_generators, sample_trajectories
@@ -77,9 +78,10 @@ def test_ppo_loss_and_advantages():
 
 def test_train_timesteps_are_a_random_subset():
     generator = torch.Generator().manual_seed(0)
-    steps = train_timesteps(10, 0.55, generator)
+    steps = train_timesteps(range(10), 0.55, generator)
     assert len(steps) == 5 and len(set(steps)) == 5 and all(0 <= s < 10 for s in steps)
-    assert steps != train_timesteps(10, 0.55, generator)
+    assert steps != train_timesteps(range(10), 0.55, generator)
+    assert set(train_timesteps([1, 4, 7], 1.0, generator)) == {1, 4, 7}
 
 
 def test_initial_policy_is_the_reference_and_recomputation_matches_sampling(fresh_tiny_sd, tiny_config):
@@ -119,6 +121,19 @@ def test_one_ddpo_step_raises_the_log_prob_of_a_positive_advantage(fresh_tiny_sd
     trainer = Trainer(config, fresh_tiny_sd)
     trainer.train_samples(ScoredSamples(trajectories, embeds, torch.tensor([1.0])), epoch=0)
     assert log_ratios(trainer, trajectories, embeds).mean() > 0
+
+
+def test_steps_with_std_0_are_never_trained_on(fresh_tiny_sd, tiny_config):
+    # a final alpha of 1 makes the last step deterministic: std 0, no log-probability
+    fresh_tiny_sd.scheduler = DDIMScheduler.from_config(fresh_tiny_sd.scheduler.config, set_alpha_to_one=True)
+    trajectories, embeds = sample(fresh_tiny_sd, "a cat playing chess", [0, 1])
+    assert torch.isnan(trajectories.log_probs[:, -1]).all() and torch.isfinite(trajectories.log_probs[:, :-1]).all()
+    config = small(tiny_config)
+    config.train.learning_rate = 1e-3
+    trainer = Trainer(config, fresh_tiny_sd)
+    assert trainer.policy.trainable_steps() == list(range(NUM_STEPS - 1))
+    metrics = trainer.train_pairs(PreferencePairs(trajectories[0:1], trajectories[1:2], embeds[:1]), epoch=0)
+    assert math.isfinite(metrics["loss"]) and all(torch.isfinite(p).all() for p in trainer.params)
 
 
 def test_bad_training_config_is_a_user_error(fresh_tiny_sd, tiny_config):
