@@ -115,7 +115,8 @@ def draw_dataset(num_images, seed):
     rng = random.Random(seed)
     scenes = world.split_scenes("pretrain")
     side = world.IMAGE_SIZE
-    images, masks, captions = np.empty((num_images, 3, side, side), np.uint8), np.empty((num_images, 2, side, side), np.uint8), []
+    images = np.empty((num_images, 3, side, side), np.uint8)
+    masks, captions = np.empty((num_images, 2, side, side), np.uint8), []
     for i in tqdm(range(num_images), desc="drawing", leave=False):
         scene = rng.choice(scenes)
         image, placed = world.render(scene, rng)
