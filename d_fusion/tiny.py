@@ -77,16 +77,17 @@ def build_tokenizer(folder):
     return CLIPTokenizer(vocab_file, merges_file, pad_token="<|endoftext|>", model_max_length=77)
 
 
-def build_text_encoder(vocab_size):
+def build_text_encoder(vocab_size, width=TEXT_DIM, heads=2):
+    """A 2-layer CLIP text model with CLIP's special tokens (width and heads scaled down)."""
     config = CLIPTextConfig(
         vocab_size=vocab_size,
-        hidden_size=TEXT_DIM,
-        intermediate_size=2 * TEXT_DIM,
+        hidden_size=width,
+        intermediate_size=2 * width,
         num_hidden_layers=2,
-        num_attention_heads=2,
+        num_attention_heads=heads,
         max_position_embeddings=77,
         hidden_act="gelu",
-        projection_dim=TEXT_DIM,
+        projection_dim=width,
         bos_token_id=49406,
         eos_token_id=49407,
         pad_token_id=49407,

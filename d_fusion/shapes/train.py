@@ -49,9 +49,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from tqdm.auto import tqdm
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from d_fusion.shapes import world
+from d_fusion import tiny
 from d_fusion.tiny import SD_SCHEDULER, build_tokenizer
 
 TEXT_DIM = 64
@@ -73,21 +73,7 @@ def build_vae():
 
 
 def build_text_encoder(vocab_size):
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=TEXT_DIM,
-            intermediate_size=2 * TEXT_DIM,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            hidden_act="gelu",
-            projection_dim=TEXT_DIM,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
+    return tiny.build_text_encoder(vocab_size, width=TEXT_DIM, heads=4)
 
 
 def build_unet():
