@@ -17,7 +17,7 @@ from d_fusion import distributed
 from d_fusion.cli import config_file
 from d_fusion.datadir import ExperimentDir, read_image
 from d_fusion.errors import UserError
-from d_fusion.logs import setup_logging
+from d_fusion.logs import log_cleared_scratch, setup_logging
 from d_fusion.scoring import check_reward, load_scorer_from_config
 
 log = logging.getLogger(__name__)
@@ -124,9 +124,7 @@ def run_scorer(config):
     experiment = ExperimentDir(config.save_path, config.exp_name)
     with experiment.hold("scorer"):
         setup_logging(experiment.eval_log_file)
-        cleared = experiment.clear_scorer_scratch()
-        if cleared:
-            log.info("removed %d scratch files left by an interrupted scorer, e.g. %s", len(cleared), cleared[0])
+        log_cleared_scratch(experiment.clear_scorer_scratch(), "scorer")
         watch(config, experiment)
 
 

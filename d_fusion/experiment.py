@@ -16,7 +16,7 @@ from d_fusion.datadir import ExperimentDir, damaged_units, write_image
 from d_fusion.errors import UserError
 from d_fusion.evaluator import ScoreCollector, check_eval_config
 from d_fusion.fusion import check_fusion_inputs, fuse_epoch
-from d_fusion.logs import setup_logging
+from d_fusion.logs import log_cleared_scratch, setup_logging
 from d_fusion.masks import item_selection
 from d_fusion.models import load_models_from_config
 from d_fusion.prompts import epoch_samples, load_prompts, warn_long_prompts
@@ -100,9 +100,7 @@ def start_up(config, experiment):
     """The main process's start: the run's log, the scratch a killed run left cleared, the settings recorded
     or compared."""
     setup_logging(experiment.log_file)
-    cleared = experiment.clear_sampler_scratch()
-    if cleared:
-        log.info("removed %d scratch files left by an interrupted run, e.g. %s", len(cleared), cleared[0])
+    log_cleared_scratch(experiment.clear_sampler_scratch(), "run")
     record_or_compare(config, experiment)
 
 

@@ -23,3 +23,11 @@ def record_fatal(message):
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
+
+
+def log_cleared_scratch(cleared, whose):
+    """One line for the scratch files a killed process left and start-up removed (none: nothing)."""
+    if cleared:
+        logging.getLogger("d_fusion").info(
+            "removed %d scratch files left by an interrupted %s, e.g. %s", len(cleared), whose, cleared[0]
+        )
