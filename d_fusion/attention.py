@@ -119,7 +119,7 @@ class Record:
     """A pass whose output is plain and whose K/V and mask-layer probabilities are kept."""
 
     kv_blocks: frozenset  # blocks whose self-attention keys and values are kept
-    probs: bool  # keep the mask layers' cross-attention probabilities
+    keep_masks: bool  # keep the mask layers' cross-attention probabilities (for the object masks)
     cfg: bool  # the batch is [uncond; cond]
     keys: dict = field(default_factory=dict)  # layer name -> (B_cfg, N, inner)
     values: dict = field(default_factory=dict)
@@ -203,7 +203,7 @@ class FusionAttnProcessor:
         if isinstance(fusion, Record):
             if layer.self_attention and layer.block in fusion.kv_blocks:
                 return self.record_keys_values(attn, hidden_states, fusion)
-            if layer.mask_layer and fusion.probs:
+            if layer.mask_layer and fusion.keep_masks:
                 return self.record_probs(attn, hidden_states, encoder_hidden_states, fusion)
         if isinstance(fusion, Fuse) and layer.self_attention:
             if layer.block in fusion.k_blocks or layer.block in fusion.v_blocks:

@@ -85,7 +85,6 @@ def load_scorer(model, pretrained="", dev_id=0):
             "a pretrained tag (laion2B-s32B-b79K for ViT-H-14) or a checkpoint file, or an open_clip folder as "
             "config.eval.model"
         )
-    logging.disable(logging.INFO)  # open_clip logs every loading step on the root logger
     try:
         clip, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=None if schema else pretrained, device=device, require_pretrained=True
@@ -97,8 +96,6 @@ def load_scorer(model, pretrained="", dev_id=0):
             f"{pretrained!r} ({error}). Pass an open_clip architecture and pretrained tag (downloaded on "
             "first use), an architecture and a checkpoint file, or an open_clip folder"
         ) from None
-    finally:
-        logging.disable(logging.NOTSET)
     log.info("loaded CLIP scorer %s (%s) on %s", model, pretrained if not schema else "its own weights", device)
     return ClipScorer(clip, preprocess, tokenizer, device)
 

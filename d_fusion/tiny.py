@@ -16,7 +16,6 @@ it as `local-dir:OUT_DIR/clip`, exactly as it loads a downloaded open_clip check
 import gzip
 import json
 import os
-import shutil
 import sys
 import tempfile
 
@@ -25,6 +24,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from d_fusion.datadir import atomic_folder
 
 TEXT_DIM = 32
 SAMPLE_SIZE = 16  # latent side; images are 8x larger
@@ -165,20 +166,10 @@ def build_tiny_clip(folder, seed=0):
 
 
 def _build_atomically(build, folder):
-    """Build into a scratch folder beside `folder`, then rename: a reader never sees half a model."""
-    if os.path.isdir(folder):
-        return folder
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix=".building-", dir=parent)
-    try:
-        build(scratch)
-        os.rename(scratch, folder)
-    except OSError:
-        if not os.path.isdir(folder):
-            raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    """Build `folder` unless it exists, whole or not at all: a reader never sees half a model."""
+    if not os.path.isdir(folder):
+        with atomic_folder(folder, replace=False) as scratch:
+            build(scratch)
     return folder
 
 

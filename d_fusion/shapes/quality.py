@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from d_fusion.fusion import FusionSettings, fused_sampling
+from d_fusion.fusion import FusionBatch, fused_sampling
 from d_fusion.masks import item_selection, load_objects
 from d_fusion.sampling import decode_images, encode_prompts, sample_generators
+from d_fusion.stages import fusion_settings
 from d_fusion.shapes import world
 from d_fusion.shapes.reward import find_regions, fully_aligned, match, shapes_score, thing_confidence
 
@@ -41,11 +42,8 @@ def sample_with_masks(models, config, prompts, seed, thresholds=THRESHOLDS):
     weights = weights.repeat_interleave(len(thresholds), dim=1)  # (B, I * K, 77)
     levels = torch.tensor(thresholds).repeat(len(prompts), count)  # (B, I * K)
     generators = sample_generators(seed, 0, len(prompts), range(len(prompts)))
-    fused = fused_sampling(
-        models.unet, models.scheduler, embeds, encode_prompts(models, [""]), generators,
-        sample_generators(seed, 0, len(prompts), [0]), torch.tensor([0]), weights, levels,
-        FusionSettings.from_config(config),
-    )
+    batch = FusionBatch(embeds, generators, sample_generators(seed, 0, len(prompts), [0]), torch.tensor([0]), weights, levels)
+    fused = fused_sampling(models.unet, models.scheduler, batch, encode_prompts(models, [""]), fusion_settings(config))
     images = decode_images(models, fused.references.latents[:, -1])
     masks = fused.reference_masks.unflatten(2, (count, len(thresholds)))  # (B, T, I, K, g, g)
     return images, masks
