@@ -193,10 +193,39 @@ def get_config(variant=None):
     config = project_config(release_config())
     if variant in (None, ""):
         return config
-    variants = {"tiny": tiny, "shapes": shapes}
+    variants = {"tiny": tiny, "shapes": shapes, "release_full": release_full}
     if variant not in variants:
         raise ValueError(f"unknown config variant {variant!r}; known: {', '.join(variants)}")
     return variants[variant](config)
+
+
+def release_full(config):
+    """The release README's "full version" run (its Terminal 2 command line), on SD 2.1 base:
+
+        python run_eval.py   --config config/config.py:release_full --config.exp_name full
+        python run_sample.py --config config/config.py:release_full --config.exp_name full \\
+            --config.pretrained.model path/to/sd2.1-base
+
+    Batch arithmetic (docs/METHOD.md §2), per epoch:
+        40 prompts (template1_train.json) x 8 batches x 2 images = 640 samples, 16 per prompt;
+        per prompt the best 16 / 4 = 4 are references (each used twice), the lower 16 / 2 = 8 bases:
+        8 (reference, base) pairs per prompt, 40 x 8 = 320 targets, made in 320 / 8 = 40 fused
+        batches of fusion.batch_size 8 (one prompt's 4 references and 8 targets each);
+        DPO on the 320 (target, base) pairs: train.num_inner_epochs 2 x 320 / (train.batch_size 1 x
+        gradient_accumulation_steps 1) = 640 optimizer steps, each over 20 timesteps of one pair.
+    One epoch (train.num_epochs 1), as the release's command; the release's default is 20
+    (--config.train.num_epochs 20). Everything else is the release's default (release_config), and
+    the project's fields keep their defaults: scores come from run_eval.py in a second terminal, as in
+    the release (eval.inline False).
+    """
+    config.seed = 42
+    config.prompt_file = "config/prompt/template1_train.json"  # 40 prompts: 20 animals, 3 activities
+    config.mask_thr_file = "config/prompt/template1_mask.json"  # a threshold per object of each prompt
+    config.item_idx_file = "config/prompt/template1_item.json"  # the two objects' word positions
+    config.sample.num_batches_per_epoch = 8
+    config.sample.batch_size = 2  # 8 x 2 = 16 samples per prompt
+    config.train.num_epochs = 1
+    return config
 
 
 def tiny(config):
