@@ -8,11 +8,9 @@ from transformers import CLIPTokenizer
 
 from config.config import get_config
 from d_fusion.cli import load_config
-from d_fusion.fusion import check_fusion_inputs
-from d_fusion.masks import item_selection
+from d_fusion.masks import item_selection, load_objects
 from d_fusion.pairing import check_samples_per_prompt, pair_samples
 from d_fusion.prompts import epoch_samples, load_prompts
-from d_fusion.training import check_train_config
 
 
 def test_release_defaults():
@@ -72,11 +70,10 @@ def test_release_full_preset_is_the_release_full_command_line():
 
 def test_release_full_preset_lays_out_the_release_epoch():
     """The preset's epoch, through the code that lays it out: 40 prompts x 16 samples, 320 pairs whose
-    fused batches of fusion.batch_size hold whole references; its inputs pass the start-up checks."""
+    fused batches of fusion.batch_size hold whole references; every prompt's objects are found."""
     config = get_config("release_full")
     prompts = load_prompts(config)
-    objects = check_fusion_inputs(config, prompts)  # every prompt has its objects and thresholds
-    check_train_config(config)
+    objects = load_objects(config, prompts)  # every prompt has its objects and one threshold each
     tokenizer = CLIPTokenizer.from_pretrained("assets/shapes", subfolder="tokenizer")  # SD's CLIP tokenizer
     weights, _ = item_selection(tokenizer, prompts, objects, tokenizer.model_max_length)
     assert (weights.sum(-1) == 1).all()  # each object is one token of its prompt
