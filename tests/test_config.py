@@ -10,7 +10,8 @@ from config.config import get_config
 from d_fusion.cli import load_config
 from d_fusion.masks import item_selection, load_objects
 from d_fusion.pairing import check_samples_per_prompt, pair_samples
-from d_fusion.prompts import epoch_samples, load_prompts
+from d_fusion.prompts import load_prompts
+from d_fusion.stages import epoch_layout
 
 
 def test_release_defaults():
@@ -78,7 +79,7 @@ def test_release_full_preset_lays_out_the_release_epoch():
     weights, _ = item_selection(tokenizer, prompts, objects, tokenizer.model_max_length)
     assert (weights.sum(-1) == 1).all()  # each object is one token of its prompt
     per_prompt = check_samples_per_prompt(config.sample.batch_size, config.sample.num_batches_per_epoch)
-    samples = epoch_samples(prompts, config.sample.batch_size, config.sample.num_batches_per_epoch)
+    samples = epoch_layout(config, prompts).sample_prompts
     scores = torch.rand(len(samples), generator=torch.Generator().manual_seed(0)).tolist()
     pairs = pair_samples(samples, scores, per_prompt)
     assert (len(prompts), per_prompt, len(samples), len(pairs)) == (40, 16, 640, 320)
