@@ -1,4 +1,4 @@
-"""Checkpoints of training (SPEC section 7): kept every `train.save_interval` epochs, resume exactly.
+"""Checkpoints of training (docs/METHOD.md §7.5): kept every `train.save_interval` epochs, resume exactly.
 
 Every epoch ends with a checkpoint, so a crash loses at most the unfinished epoch; one that is not
 due by `save_interval` is deleted when the next epoch's is written. At most `num_checkpoint_limit`

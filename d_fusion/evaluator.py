@@ -1,4 +1,4 @@
-"""run_eval.py (SPEC section 1, step 3): the scorer that watches data/<exp_name>/ and scores every new image.
+"""run_eval.py (docs/METHOD.md §1 step 3, §5): the scorer that watches data/<exp_name>/ and scores every new image.
 
 The scorer trusts only an image set's manifest (its prompt list, published after the images it
 lists): it scores the listed images that have no score yet, in index order and in fixed

@@ -1,4 +1,4 @@
-"""run_sample.py: the D-Fusion loop, one epoch after another (SPEC section 1): sample -> score -> pair ->
+"""run_sample.py: the D-Fusion loop, one epoch after another (docs/METHOD.md §1): sample -> score -> pair ->
 fuse -> train. Start-up checks every input before any model loads; the stages are in d_fusion/stages.py.
 """
 

@@ -1,4 +1,4 @@
-"""Fused sampling: targets made from a base's noise with a reference's self-attention (SPEC section 6).
+"""Fused sampling: targets made from a base's noise with a reference's self-attention (docs/METHOD.md §6.5).
 
 Per step, one UNet pass over the distinct references (regenerated from their own generators,
 unchanged) records the keys and values of the self-attention layers that fuse at this step and

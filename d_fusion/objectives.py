@@ -1,4 +1,4 @@
-"""Training objectives (SPEC section 7): pure functions of log-probabilities, noise predictions
+"""Training objectives (docs/METHOD.md §7): pure functions of log-probabilities, noise predictions
 and scores, one per paper.
 
 Notation (per training timestep j of a stored transition x_t -> x_{t'}):

@@ -1,4 +1,4 @@
-"""Sampling with recorded trajectories (SPEC section 1, steps 1-2).
+"""Sampling with recorded trajectories (docs/METHOD.md §1, steps 1-2, and §3).
 
 Every sample owns a CPU `torch.Generator` seeded `seed + epoch * N + j`; it draws the initial
 latent and every step's noise, so sample j regenerates exactly, alone or in any batch.

@@ -1,4 +1,4 @@
-"""Rewards: what scores an image against its prompt (SPEC section 5).
+"""Rewards: what scores an image against its prompt (docs/METHOD.md §5).
 
 `config.eval.reward` names the reward, a class in `REWARDS` with
 - `from_config(config)`: the loaded scorer;

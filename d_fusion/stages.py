@@ -1,4 +1,4 @@
-"""The loop's stages (SPEC section 1): sample -> score -> pair and fuse -> train, as publishing steps.
+"""The loop's stages (docs/METHOD.md §1): sample -> score -> pair and fuse -> train, as publishing steps.
 
 Each stage reads its inputs from data/<exp_name>/epoch<k>/ and publishes its outputs there as they
 are made (`publish_in_rounds`): a restarted run reuses what is published and goes on from there,
@@ -371,7 +371,7 @@ class ScoreCollector:
 
 
 def fuse_epoch(run, epoch, scores):
-    """Pair the epoch's samples by score and make every target not yet published (SPEC sections 4, 6).
+    """Pair the epoch's samples by score and make every target not yet published (docs/METHOD.md §4, §6).
 
     scores: the samples' scores (image order). Targets are published chunk by chunk in
     injected_prompt.json; a restarted run reuses those already published. Returns the pairs.

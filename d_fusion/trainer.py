@@ -1,8 +1,8 @@
-"""The trainer (SPEC section 7): the LoRA policy, its optimizer, and one epoch of DPO or DDPO updates.
+"""The trainer (docs/METHOD.md §7): the LoRA policy, its optimizer, and one epoch of DPO or DDPO updates.
 
 The policy is the UNet with LoRA adapters; the reference policy is the same UNet with the adapters
 disabled (no second copy). Both run plain attention with CFG when `train.cfg`. The log-probability
-of a stored transition x_t -> x_{t'} is SPEC section 3's, evaluated at the stored x_{t'}.
+of a stored transition x_t -> x_{t'} is docs/METHOD.md §3.2's, evaluated at the stored x_{t'}.
 
 Optimisation: each pair (DPO) or sample (DDPO) contributes a random subset of its steps;
 `train.batch_size * train.gradient_accumulation_steps` of them, one after another, make one
@@ -113,7 +113,7 @@ class Policy:
 
     def trainable_steps(self):
         """The step indices whose std is > 0: a step with std 0 (onto a final alpha of 1) has no
-        log-probability and is never trained on (SPEC section 8)."""
+        log-probability and is never trained on (docs/METHOD.md §3.3)."""
         self.set_timesteps()
         scheduler = self.models.scheduler
         return [j for j, t in enumerate(scheduler.timesteps) if step_std(scheduler, t.cpu(), self.sampler.eta) > 0]

@@ -8,7 +8,7 @@ from d_fusion.tiny import build_unet
 
 
 def direct_fused_attention(q, k, v, k_ref, v_ref, mask):
-    """SPEC section 6 written out: K' = M K_r + (1 - M) K, V' likewise, softmax(Q K'^T / sqrt(d)) V'."""
+    """docs/METHOD.md §6.3 written out: K' = M K_r + (1 - M) K, V' likewise, softmax(Q K'^T / sqrt(d)) V'."""
     m = mask[:, None, :, None]
     key = m * k_ref + (1 - m) * k
     value = m * v_ref + (1 - m) * v

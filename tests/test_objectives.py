@@ -1,4 +1,4 @@
-"""The training objectives (SPEC section 7): each loss is its formula on hand-built tensors."""
+"""The training objectives (docs/METHOD.md §7): each loss is its formula on hand-built tensors."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""The trainer (SPEC section 7): LoRA policy vs reference, log-prob recomputation, one step of each algorithm."""
+"""The trainer (docs/METHOD.md §7): LoRA policy vs reference, log-prob recomputation, one step of each algorithm."""
 
 import math
 

@@ -6,8 +6,8 @@ seeded `seed + j`, and prints, per prompt set:
 - the mean shapes reward and the fraction of fully aligned samples (both references and bases
   exist when it lies between 20% and 80%);
 - the mean IoU between each object's fusion mask (its tokens' cross-attention at the mask layers,
-  averaged over layers and heads, binarised at a threshold: exactly what fusion uses, SPEC
-  section 6) and the object's region in the final image, over the objects the reward finds, at
+  averaged over layers and heads, binarised at a threshold: exactly what fusion uses, docs/METHOD.md
+  §6.2) and the object's region in the final image, over the objects the reward finds, at
   every step and at the last, for several thresholds.
 """
 
@@ -32,7 +32,7 @@ def sample_with_masks(models, config, prompts, seed, thresholds=THRESHOLDS):
     """Plain samples of `prompts` (one each, generator `seed + j`) and each object's mask at each step
     for each threshold: (images (B, H, W, 3) uint8, masks (B, T, I, K, g, g) bool).
 
-    The samples are the references of a fused sampling (regenerated unchanged, SPEC section 6), whose
+    The samples are the references of a fused sampling (regenerated unchanged, docs/METHOD.md §6), whose
     objects are listed K times, once per threshold; one throwaway target keeps the pass cheap.
     """
     objects = load_objects(config, prompts)
