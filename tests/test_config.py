@@ -7,24 +7,49 @@ import torch
 from transformers import CLIPTokenizer
 
 from config.config import get_config
+from d_fusion import stages
 from d_fusion.cli import load_config
 from d_fusion.masks import item_selection, load_objects
 from d_fusion.pairing import check_samples_per_prompt, pair_samples
 from d_fusion.prompts import load_prompts
+from d_fusion.attention import attention_layers
+from d_fusion.checkpoints import checkpoint_due
+from d_fusion.injection import injection_from_config
+from d_fusion.objectives import per_prompt_advantages
+from d_fusion.sampling import SamplerSettings
 from d_fusion.stages import epoch_layout
 
 
-def test_release_defaults():
+def test_release_defaults_make_the_release_epoch(tiny_sd):
+    """The defaults, through the code that uses them, behave as the release's get_config() does."""
     c = get_config()
-    assert (c.seed, c.mixed_precision, c.mask_thr, list(c.item_idx)) == (42, "fp16", 0.05, [1, 3])
-    assert (c.inject_component, c.inject_t, c.inject_l) == ("T,T,T,T,T,F", "0-18,0-18,0-18,0-18,0-18,", "3-6,3-6,3-6,3-6,3-6,")
-    s = c.sample
-    assert (s.num_steps, s.eta, s.guidance_scale, s.batch_size, s.num_batches_per_epoch, s.cfg) == (20, 1.0, 5.0, 4, 1, True)
+    layout = epoch_layout(c, [c.prompt])
+    assert (c.seed, layout.num_samples, layout.batch_size) == (42, 4, 4)  # one batch of 4 per prompt
+    # per prompt: the best sample guides two targets made from the two lowest-scored ones
+    pairs = pair_samples(layout.sample_prompts, [0.4, 0.1, 0.3, 0.2], layout.samples_per_prompt)
+    assert [(p.reference, p.base) for p in pairs] == [(0, 3), (0, 1)]
+    # the objects of "a cat playing chess" are "cat" and "chess", masked at a 0.05 cross-attention probability
+    objects = load_objects(c, [c.prompt])
+    weights, _ = item_selection(tiny_sd.tokenizer, [c.prompt], objects, 77)
+    assert weights[0].nonzero()[:, 1].tolist() == [2, 4] and objects[c.prompt].thresholds == (0.05, 0.05)
+    # 20 DDIM steps with eta 1 and guidance 5; K and V fused in the mid block and every up block (3-6 of
+    # SD 2.1's numbering), at every step but the two noisiest
+    assert stages.sampler_settings(c) == SamplerSettings(20, 1.0, 5.0, True)
+    injection, blocks = injection_from_config(c), sorted({layer.block for layer in attention_layers(tiny_sd.unet)})
+    fused = {i: [b for b in blocks if injection.blends_k(i, 20, b) and injection.blends_v(i, 20, b)] for i in range(20)}
+    assert fused == {i: ([3, 4, 5, 6] if i >= 2 else []) for i in range(20)}
+    # training: DPO, one pair's 20 timesteps per optimizer step, 2 passes over the epoch's pairs, and the
+    # release's AdamW and grad-norm clip
     t = c.train
-    assert (t.batch_size, t.learning_rate, t.num_inner_epochs, t.timestep_fraction, t.alpha, t.beta, t.eps) == (
-        1, 1e-4, 2, 1.0, 1.0, 0.0, 0.1)
-    assert (t.num_epochs, t.save_interval, t.num_checkpoint_limit, t.adv_clip_max, t.gamma) == (20, 2, 100, 5.0, 2.0)
-    assert (t.adam_beta1, t.adam_beta2, t.adam_weight_decay, t.adam_epsilon, t.max_grad_norm) == (0.9, 0.999, 1e-4, 1e-8, 1.0)
+    assert (t.algorithm, t.batch_size * t.gradient_accumulation_steps, int(20 * t.timestep_fraction)) == ("dpo", 1, 20)
+    assert (t.num_inner_epochs, t.alpha, t.beta, t.eps, t.max_grad_norm) == (2, 1.0, 0.0, 0.1, 1.0)
+    optimizer = stages.make_optimizer(c, [torch.nn.Parameter(torch.zeros(1))])
+    group = optimizer.param_groups[0]
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert (group["lr"], group["betas"], group["weight_decay"], group["eps"]) == (1e-4, (0.9, 0.999), 1e-4, 1e-8)
+    # 20 epochs, a checkpoint every 2, DDPO's advantages clipped at 5
+    assert [e for e in range(t.num_epochs) if checkpoint_due(c, e)] == list(range(1, 20, 2))
+    assert per_prompt_advantages([0.0, 0.0, 0.0, 1.0], ["p"] * 4, t.adv_clip_max).max() < 5
 
 
 def test_tiny_variant_runs_offline_from_the_release_prompt_files():

@@ -5,7 +5,8 @@ import os
 import open_clip
 import pytest
 
-from d_fusion.tiny import SD_SCHEDULER, build_missing
+from d_fusion.attention import attention_layers
+from d_fusion.tiny import build_missing
 
 
 @pytest.mark.parametrize(
@@ -20,17 +21,25 @@ def test_tokenizer_ids_match_open_clip(tiny_sd, prompt):
     assert len(ours) == 77
 
 
-def test_unet_has_sd21_topology(tiny_sd):
-    config = tiny_sd.unet.config
-    assert list(config.down_block_types) == ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
-    assert config.mid_block_type == "UNetMidBlock2DCrossAttn"
-    assert list(config.up_block_types) == ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
-    assert config.use_linear_projection
-    heads = {m.heads for name, m in tiny_sd.unet.named_modules() if name.endswith("attn1")}
-    assert min(heads) > 1
-    assert tiny_sd.scheduler.config.prediction_type == "epsilon"
-    for key, value in SD_SCHEDULER.items():
-        assert tiny_sd.scheduler.config[key] == value
+def test_unet_numbers_its_blocks_and_grids_like_sd21(tiny_sd):
+    """What fusion reads from SD 2.1's topology holds for the tiny UNet: 3 down blocks with attentions, the
+    mid block (3) and 3 up blocks, each with self- and cross-attention; the mask layers at latent side // 4;
+    several heads per layer; the epsilon-predicting DDIM of SD 2.1."""
+    layers = attention_layers(tiny_sd.unet)
+    side = tiny_sd.unet.config.sample_size
+    blocks = {}
+    for layer in layers:
+        blocks.setdefault(layer.block, set()).add((layer.self_attention, layer.grid))
+    assert sorted(blocks) == list(range(7))
+    grids = {b: {grid for _, grid in kinds} for b, kinds in blocks.items()}
+    assert grids == {0: {side}, 1: {side // 2}, 2: {side // 4}, 3: {side // 8}, 4: {side // 4}, 5: {side // 2}, 6: {side}}
+    assert all({kind for kind, _ in kinds} == {True, False} for kinds in blocks.values())
+    assert {layer.block for layer in layers if layer.mask_layer} == {2, 4}  # the 16x16 blocks of a 64x64 latent
+    assert min(m.heads for name, m in tiny_sd.unet.named_modules() if name.endswith("attn1")) > 1
+    scheduler = tiny_sd.scheduler
+    assert scheduler.config.prediction_type == "epsilon"
+    scheduler.set_timesteps(20)
+    assert scheduler.timesteps[:3].tolist() == [951, 901, 851]  # SD's DDIM: leading spacing, steps_offset 1
 
 
 def test_folder_is_the_standard_diffusers_layout(tiny_dir):
