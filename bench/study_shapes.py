@@ -126,7 +126,7 @@ def evaluate(args, runs):
     scores = {BASE: evaluator.evaluate(results.model(BASE), None)}
     for name, run_config in runs.items():
         scores[name] = evaluator.evaluate(results.model(name), last_checkpoint(run_config))
-    return scores, evaluator.samples
+    return scores, evaluator.image_prompts
 
 
 def summarise(args, runs, scores, samples, minutes):

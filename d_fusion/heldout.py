@@ -46,14 +46,14 @@ class HeldoutEvaluator:
         self.config = config
         # image j: prompt j // images_per_prompt, its generator seeded seed + j (epoch 0 of this layout)
         self.layout = EpochLayout(tuple(prompts), config.heldout.images_per_prompt, 1, config.seed)
-        self.samples = self.layout.sample_prompts  # the prompt of each image
+        self.image_prompts = self.layout.sample_prompts  # the prompt of each image
         self._models = self._scorer = None
         self._has_lora = False
 
     def models(self):
         if self._models is None:
             self._models = load_models_from_config(self.config)
-            warn_long_prompts(self._models.tokenizer, self.samples)
+            warn_long_prompts(self._models.tokenizer, self.image_prompts)
         return self._models
 
     def scorer(self):
@@ -70,7 +70,7 @@ class HeldoutEvaluator:
             mixed_precision=config.mixed_precision,
             checkpoint=None if checkpoint is None else os.path.abspath(checkpoint.root),
             checkpoint_time=None if checkpoint is None else os.path.getmtime(checkpoint.lora_weights),
-            prompts=self.samples,
+            prompts=self.image_prompts,
             seed=config.seed,
             num_steps=sample.num_steps,
             eta=sample.eta,
@@ -106,34 +106,34 @@ class HeldoutEvaluator:
 
     @torch.no_grad()
     def sample_and_score(self, model_dir):
-        models, batch_size, num_images = self.models(), self.config.heldout.batch_size, len(self.samples)
+        models, batch_size, num_images = self.models(), self.config.heldout.batch_size, len(self.image_prompts)
         sampler, negative_embeds = sampler_settings(self.config), encode_prompts(models, [""])
         scores = []
         for start in range(0, num_images, batch_size):
             indices = range(start, min(start + batch_size, num_images))
-            prompts = self.samples[indices.start : indices.stop]
+            prompts = self.image_prompts[indices.start : indices.stop]
             generators = self.layout.generators(0, indices)
             _, images = sample_images(
                 models, encode_prompts(models, prompts), negative_embeds, generators, sampler, progress=False
             )
             model_dir.images.save_images(indices, images)
             scores += self.scorer().score([Image.fromarray(image) for image in images], prompts)
-            model_dir.images.publish(self.samples[: indices.stop])
+            model_dir.images.publish(self.image_prompts[: indices.stop])
             model_dir.images.write_scores(scores)
             log.info("%s: %d of %d held-out images", model_dir.name, indices.stop, num_images)
         return scores
 
 
-def comparison_table(samples, scores):
+def comparison_table(image_prompts, scores):
     """Per prompt, then "all prompts": each model's mean score; each checkpoint's mean delta vs base and
     the fraction of images (same seed) it scores higher than base.
 
-    samples: the prompt of each image; scores: {model: [score of each image]}, base first.
+    image_prompts: the prompt of each image; scores: {model: [score of each image]}, base first.
     """
     groups = {}
-    for index, prompt in enumerate(samples):
+    for index, prompt in enumerate(image_prompts):
         groups.setdefault(prompt, []).append(index)
-    groups["all prompts"] = list(range(len(samples)))
+    groups["all prompts"] = list(range(len(image_prompts)))
     rows = []
     for prompt, indices in groups.items():
         base = [scores[BASE][i] for i in indices]
@@ -186,7 +186,7 @@ def run_heldout(config):
     for checkpoint in [None, *checkpoints]:
         name = model_name(checkpoint)
         scores[name] = evaluator.evaluate(results.model(name), checkpoint)
-    rows = comparison_table(evaluator.samples, scores)
+    rows = comparison_table(evaluator.image_prompts, scores)
     results.write_table(rows)
     print(format_table(rows))
     log.info("held-out table: %s (and .json)", results.table_csv)

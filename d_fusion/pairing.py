@@ -34,18 +34,18 @@ def check_samples_per_prompt(batch_size, num_batches_per_epoch):
     return n
 
 
-def pair_samples(samples, scores, per_prompt):
+def pair_samples(sample_prompts, scores, per_prompt):
     """Pairs of the epoch in target order: prompt by prompt (file order), pair k within the prompt.
 
-    samples: the prompt of every sample index (each prompt's `per_prompt` samples contiguous);
+    sample_prompts: the prompt of every sample index (each prompt's `per_prompt` samples contiguous);
     scores: one float per sample, in sample order.
     """
-    if len(scores) != len(samples):
-        raise UserError(f"got {len(scores)} scores for {len(samples)} samples")
+    if len(scores) != len(sample_prompts):
+        raise UserError(f"got {len(scores)} scores for {len(sample_prompts)} samples")
     pairs = []
-    for start in range(0, len(samples), per_prompt):
+    for start in range(0, len(sample_prompts), per_prompt):
         group = range(start, start + per_prompt)
-        assert len({samples[j] for j in group}) == 1, "a prompt's samples must be contiguous"
+        assert len({sample_prompts[j] for j in group}) == 1, "a prompt's samples must be contiguous"
         ranked = sorted(group, key=lambda j: -scores[j])  # best first; ties keep sample order
         references, bases = ranked[: per_prompt // 4], ranked[per_prompt // 2 :]
         for k, base in enumerate(bases):

@@ -376,10 +376,10 @@ def fuse_epoch(run, epoch, scores):
     scores: the samples' scores (image order). Targets are published chunk by chunk in
     injected_prompt.json; a restarted run reuses those already published. Returns the pairs.
     """
-    epoch_dir, samples = run.experiment.epoch(epoch), run.layout.sample_prompts
-    pairs = pair_samples(samples, scores, run.layout.samples_per_prompt)
+    epoch_dir, sample_prompts = run.experiment.epoch(epoch), run.layout.sample_prompts
+    pairs = pair_samples(sample_prompts, scores, run.layout.samples_per_prompt)
     pair_indices = [(p.base, p.reference) for p in pairs]
-    target_prompts = [samples[p.base] for p in pairs]
+    target_prompts = [sample_prompts[p.base] for p in pairs]
     published = check_listing(epoch_dir.injected, target_prompts, "move the epoch's injected files aside and rerun")
     if epoch_dir.read_injected_map()[: len(published)] != pair_indices[: len(published)]:
         raise UserError(
@@ -407,9 +407,9 @@ def fuse_epoch(run, epoch, scores):
 
 def fusion_batch(run, epoch, pairs):
     """The FusionBatch of `pairs` (whole references: each reference's pairs are together)."""
-    samples, models = run.layout.sample_prompts, run.models
+    sample_prompts, models = run.layout.sample_prompts, run.models
     references = list(dict.fromkeys(p.reference for p in pairs))
-    prompts = [samples[r] for r in references]
+    prompts = [sample_prompts[r] for r in references]
     reference_embeds = encode_prompts(models, prompts)
     weights, thresholds = item_selection(models.tokenizer, prompts, run.objects, reference_embeds.shape[1])
     return FusionBatch(
@@ -424,7 +424,7 @@ def fusion_batch(run, epoch, pairs):
 
 def fuse_pairs(run, epoch, pairs):
     """Make the targets of `pairs` and write them, copies of their references and bases, and the masks."""
-    epoch_dir, models, samples = run.experiment.epoch(epoch), run.models, run.layout.sample_prompts
+    epoch_dir, models, sample_prompts = run.experiment.epoch(epoch), run.models, run.layout.sample_prompts
     batch, references = fusion_batch(run, epoch, pairs)
     fused = fused_sampling(models.unet, models.scheduler, batch, run.negative_embeds, run.fusion)
     targets = [p.target for p in pairs]
@@ -435,10 +435,10 @@ def fuse_pairs(run, epoch, pairs):
     steps = {"all": range(run.sampler.num_steps), "last": [run.sampler.num_steps - 1], "none": []}
     steps = steps[run.config.fusion.mask_images]
     if fused.reference_masks is not None:
-        counts = [len(run.objects[samples[r]].items) for r in references]
+        counts = [len(run.objects[sample_prompts[r]].items) for r in references]
         save_mask_pictures(epoch_dir, references, fused.reference_masks, counts, steps, models.resolution)
     if fused.base_masks is not None:
-        counts = [len(run.objects[samples[p.base]].items) for p in pairs]
+        counts = [len(run.objects[sample_prompts[p.base]].items) for p in pairs]
         save_mask_pictures(epoch_dir, [p.base for p in pairs], fused.base_masks, counts, steps, models.resolution)
 
 
