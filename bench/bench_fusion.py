@@ -37,7 +37,7 @@ def main():
     base_indices = list(range(references, references + args.targets))
     embeds = encode_prompts(models, [PROMPT])
     negative = encode_prompts(models, [""])
-    weights, thresholds = item_selection(models.tokenizer, [PROMPT], OBJECTS, embeds.shape[1])
+    weights, thresholds = item_selection(models.tokenizer, [PROMPT], OBJECTS, embeds.num_tokens)
     injection = parse_injection("T,T,T,T,T,F", f"0-{args.steps - 2}," * 5, "3-6," * 5)
 
     def sample(reference_indices, base_pass):
@@ -46,7 +46,7 @@ def main():
         guide = torch.arange(args.targets) // (args.targets // rows)
         settings = FusionSettings(injection, SamplerSettings(args.steps, 1.0, 5.0), base_pass=base_pass)
         batch = FusionBatch(
-            embeds.expand(rows, -1, -1),
+            embeds.expand(rows),
             sample_generators(0, 0, num_samples, reference_indices),
             sample_generators(0, 0, num_samples, base_indices),
             guide,

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from d_fusion.attention import Fuse, Record, fusion_processors
+from d_fusion.families import Conditioning
 from d_fusion.injection import Injection
 from d_fusion.masks import object_masks, union_mask
 from d_fusion.sampling import Denoising, SamplerSettings, Trajectories
@@ -33,7 +34,7 @@ class FusionSettings:
 class FusionBatch:
     """The pairs of one fused pass: R distinct references, B targets (one per base)."""
 
-    reference_embeds: torch.Tensor  # (R, 77, D); a target shares its reference's prompt
+    reference_conditioning: Conditioning  # R rows; a target shares its reference's prompt
     reference_generators: list  # R fresh per-sample generators: each reference regenerates unchanged
     base_generators: list  # B fresh per-sample generators (consumed): each target starts from its base's x_T
     guide: torch.Tensor  # (B,) long: the reference row of each target
@@ -60,20 +61,20 @@ def _stack_masks(masks):
 
 
 @torch.no_grad()
-def fused_sampling(unet, scheduler, batch, negative_embeds, settings, progress=False):
+def fused_sampling(unet, scheduler, batch, negative, settings, progress=False):
     """Make one target per base of `batch` (a FusionBatch): from the base's x_T, with its reference's
-    self-attention fused in. negative_embeds: (1, 77, D)."""
+    self-attention fused in. negative: the one-row unconditional Conditioning."""
     sampler, num_steps = settings.sampler, settings.sampler.num_steps
     scheduler.set_timesteps(num_steps, device=unet.device)
     guide = batch.guide.to(unet.device)
     item_weights, item_thresholds = batch.item_weights.to(unet.device), batch.item_thresholds.to(unet.device)
-    target_embeds = batch.reference_embeds[guide]
-    references = Denoising(unet, batch.reference_generators, batch.reference_embeds, negative_embeds)
+    target_conditioning = batch.reference_conditioning[guide]
+    references = Denoising(unet, batch.reference_generators, batch.reference_conditioning, negative)
     bases = (
-        Denoising(unet, _copy_generators(batch.base_generators), target_embeds, negative_embeds)
+        Denoising(unet, _copy_generators(batch.base_generators), target_conditioning, negative)
         if settings.base_pass else None
     )
-    targets = Denoising(unet, batch.base_generators, target_embeds, negative_embeds)
+    targets = Denoising(unet, batch.base_generators, target_conditioning, negative)
     injection = settings.injection
     reference_masks, base_masks, fused = [], [], []
     with fusion_processors(unet, settings.mask_resolution) as layers:

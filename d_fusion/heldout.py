@@ -20,7 +20,7 @@ from d_fusion.errors import UserError
 from d_fusion.logs import setup_logging
 from d_fusion.models import load_models_from_config
 from d_fusion.prompts import EpochLayout, read_prompt_file, warn_long_prompts
-from d_fusion.sampling import encode_prompts, sample_images
+from d_fusion.sampling import encode_prompts, negative_conditioning, sample_images
 from d_fusion.scoring import check_reward, load_scorer_from_config, reward_settings
 from d_fusion.stages import sampler_settings
 from d_fusion.trainer import add_lora
@@ -107,14 +107,14 @@ class HeldoutEvaluator:
     @torch.no_grad()
     def sample_and_score(self, model_dir):
         models, batch_size, num_images = self.models(), self.config.heldout.batch_size, len(self.image_prompts)
-        sampler, negative_embeds = sampler_settings(self.config), encode_prompts(models, [""])
+        sampler, negative = sampler_settings(self.config), negative_conditioning(models)
         scores = []
         for start in range(0, num_images, batch_size):
             indices = range(start, min(start + batch_size, num_images))
             prompts = self.image_prompts[indices.start : indices.stop]
             generators = self.layout.generators(0, indices)
             _, images = sample_images(
-                models, encode_prompts(models, prompts), negative_embeds, generators, sampler, progress=False
+                models, encode_prompts(models, prompts), negative, generators, sampler, progress=False
             )
             model_dir.images.save_images(indices, images)
             scores += self.scorer().score([Image.fromarray(image) for image in images], prompts)

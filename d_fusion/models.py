@@ -1,4 +1,8 @@
-"""Loading Stable Diffusion's parts from a diffusers folder or hub id (SD 2.1 base, or the tiny model)."""
+"""Loading Stable Diffusion's parts from a diffusers folder or hub id: SD 1.x / 2.x, SDXL, or a tiny model.
+
+The family (d_fusion/families.py) comes from the folder's model_index.json; DDIM is built from the
+folder's scheduler config whatever scheduler the pipeline ships (SDXL's is Euler).
+"""
 
 import logging
 import os
@@ -6,20 +10,23 @@ from dataclasses import dataclass
 
 import huggingface_hub
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from huggingface_hub.errors import LocalEntryNotFoundError
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from d_fusion import distributed
 from d_fusion.errors import UserError
+from d_fusion.families import FAMILIES
 
 log = logging.getLogger(__name__)
 
-PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # every family's (SDXL adds its second CLIP)
+TEXT_ENCODERS = dict(text_encoder=CLIPTextModel, text_encoder_2=CLIPTextModelWithProjection)
 
 
 @dataclass
 class StableDiffusion:
+    family: type  # a family of d_fusion/families.py
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
@@ -27,6 +34,9 @@ class StableDiffusion:
     scheduler: DDIMScheduler
     device: torch.device
     dtype: torch.dtype  # inference dtype of the frozen parts
+    text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL
+    tokenizer_2: CLIPTokenizer | None = None
+    force_zeros_for_empty_prompt: bool = False  # SDXL: the unconditional conditioning is zeros
 
     @property
     def latent_shape(self):
@@ -43,16 +53,12 @@ class StableDiffusion:
         return self.unet.config.sample_size * self.vae_scale_factor
 
     def pipeline(self):
-        """diffusers' StableDiffusionPipeline on these very parts (with its own DDIM scheduler)."""
-        pipeline = StableDiffusionPipeline(
+        """The family's diffusers pipeline on these very parts (with its own DDIM scheduler)."""
+        pipeline = self.family.pipeline_class(
             vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
             unet=self.unet,
             scheduler=DDIMScheduler.from_config(self.scheduler.config),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+            **self.family.pipeline_parts(self),
         )
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
@@ -122,17 +128,37 @@ def check_hub_reachable(model, revision):
         ) from None
 
 
+def model_family(model, revision="main"):
+    """(family, pipeline config) from the model's model_index.json."""
+    kwargs = {} if os.path.isdir(model) else {"revision": revision}
+    try:
+        index = DiffusionPipeline.load_config(model, **kwargs)
+    except (OSError, ValueError) as error:
+        raise UserError(f"config.pretrained.model = {model!r} has no readable model_index.json ({error})") from None
+    name = index.get("_class_name")
+    if name not in FAMILIES:
+        raise UserError(
+            f"config.pretrained.model = {model!r} is a {name}; D-Fusion here runs {', '.join(FAMILIES)} models"
+        )
+    return FAMILIES[name], index
+
+
 def load_models(model, revision="main", mixed_precision="fp16", dev_id=0):
     """Every part of Stable Diffusion, frozen, on the device, in the inference dtype."""
     check_model_path(model)
     if not os.path.isdir(model):
         check_hub_reachable(model, revision)
+    family, index = model_family(model, revision)
     device = resolve_device(dev_id)
     dtype = inference_dtype(mixed_precision, device)
     kwargs = {} if os.path.isdir(model) else {"revision": revision}
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **kwargs)
-        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype, **kwargs)
+        text = {}
+        for part in family.text_parts:
+            if part.startswith("tokenizer"):
+                text[part] = CLIPTokenizer.from_pretrained(model, subfolder=part, **kwargs)
+            else:
+                text[part] = TEXT_ENCODERS[part].from_pretrained(model, subfolder=part, dtype=dtype, **kwargs)
         vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype, **kwargs)
         unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype, **kwargs)
         scheduler = DDIMScheduler.from_pretrained(model, subfolder="scheduler", **kwargs)
@@ -141,12 +167,16 @@ def load_models(model, revision="main", mixed_precision="fp16", dev_id=0):
             f"could not load Stable Diffusion from config.pretrained.model = {model!r} ({error}). "
             "Pass a local diffusers folder, or a hub id on a machine that can download it"
         ) from None
-    for part in (text_encoder, vae, unet):
+    for part in [vae, unet] + [p for name, p in text.items() if name.startswith("text_encoder")]:
         part.requires_grad_(False)
         part.eval()
         part.to(device)
-    log.info("loaded %s on %s in %s (%d px)", model, device, dtype, unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1))
-    return StableDiffusion(unet, vae, text_encoder, tokenizer, scheduler, device, dtype)
+    models = StableDiffusion(
+        family, unet, vae, scheduler=scheduler, device=device, dtype=dtype,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)), **text,
+    )
+    log.info("loaded %s (%s) on %s in %s (%d px)", model, family.name, device, dtype, models.resolution)
+    return models
 
 
 def load_models_from_config(config):

@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from d_fusion.ddim import ddim_step_with_logprob, step_noise
+from d_fusion.families import Conditioning
 
 
 @dataclass(frozen=True)
@@ -32,32 +33,34 @@ def sample_generators(seed, epoch, num_samples, indices):
     return [torch.Generator("cpu").manual_seed(sample_seed(seed, epoch, num_samples, j)) for j in indices]
 
 
-@torch.no_grad()
 def encode_prompts(models, prompts):
-    """Text embeddings (B, 77, D) of `prompts`, padded to the tokenizer's length."""
-    ids = models.tokenizer(
-        list(prompts),
-        padding="max_length",
-        max_length=models.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(models.device)
-    return models.text_encoder(ids)[0]
+    """The family's text conditioning of `prompts` (a Conditioning of len(prompts) rows), padded to the
+    tokenizer's 77 tokens."""
+    return models.family.encode(models, prompts)
 
 
-def guided_noise(unet, latents, timestep, prompt_embeds, negative_embeds, guidance_scale, cfg=True, attention_kwargs=None):
+def negative_conditioning(models):
+    """The one-row unconditional conditioning of CFG (the empty prompt's, or the family's zeros)."""
+    return models.family.negative(models)
+
+
+def guided_noise(unet, latents, timestep, conditioning, negative, guidance_scale, cfg=True, attention_kwargs=None):
     """The UNet's noise prediction with classifier-free guidance.
 
-    latents: (B, C, H, W); embeds: (B, 77, D). With CFG the batch is [uncond; cond], as diffusers does.
+    latents: (B, C, H, W); conditioning, negative: B-row Conditionings. With CFG the batch is
+    [uncond; cond], as diffusers does.
     """
     if cfg:
         model_input = torch.cat([latents, latents])
-        embeds = torch.cat([negative_embeds, prompt_embeds])
+        conditioning = Conditioning.cat([negative, conditioning])
     else:
-        model_input, embeds = latents, prompt_embeds
+        model_input = latents
     input_dtype = unet.conv_in.weight.dtype  # not unet.dtype, which walks every parameter on each call
     output = unet(
-        model_input.to(input_dtype), timestep, encoder_hidden_states=embeds, cross_attention_kwargs=attention_kwargs
+        model_input.to(input_dtype),
+        timestep,
+        cross_attention_kwargs=attention_kwargs,
+        **conditioning.unet_kwargs(input_dtype),
     ).sample.float()
     if not cfg:
         return output
@@ -89,12 +92,12 @@ def initial_latents(generators, latent_shape, device):
 
 
 class Denoising:
-    """A batch on its way from x_T: its latents so far, log-probs, generators and embeddings."""
+    """A batch on its way from x_T: its latents so far, log-probs, generators and text conditioning."""
 
-    def __init__(self, unet, generators, prompt_embeds, negative_embeds):
+    def __init__(self, unet, generators, conditioning, negative):
         latent_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-        self.generators, self.prompt_embeds = generators, prompt_embeds  # (B, 77, D)
-        self.negative_embeds = negative_embeds.expand(len(generators), -1, -1)
+        self.generators, self.conditioning = generators, conditioning  # B rows
+        self.negative = negative.expand(len(generators)) if len(negative) == 1 else negative
         self.latents = [initial_latents(generators, latent_shape, unet.device)]  # x_T: (B, C, H, W)
         self.log_probs = []
 
@@ -106,8 +109,8 @@ class Denoising:
             unet,
             latents,
             timestep,
-            self.prompt_embeds,
-            self.negative_embeds,
+            self.conditioning,
+            self.negative,
             sampler.guidance_scale,
             cfg=sampler.cfg,
             attention_kwargs=attention_kwargs,
@@ -121,22 +124,23 @@ class Denoising:
 
 
 @torch.no_grad()
-def sample_trajectories(models, prompt_embeds, negative_embeds, generators, sampler, progress=True):
+def sample_trajectories(models, conditioning, negative, generators, sampler, progress=True):
     """Denoise from each generator's x_T with DDIM, keeping every x_t and every step's log-prob.
 
-    prompt_embeds: (B, 77, D); negative_embeds: (1, 77, D); generators: B per-sample generators.
+    conditioning: B rows (`encode_prompts`); negative: 1 row (`negative_conditioning`); generators:
+    B per-sample generators.
     """
     scheduler, unet = models.scheduler, models.unet
     scheduler.set_timesteps(sampler.num_steps, device=models.device)
-    batch = Denoising(unet, generators, prompt_embeds, negative_embeds)
+    batch = Denoising(unet, generators, conditioning, negative)
     for t in tqdm(scheduler.timesteps, desc="timestep", leave=False, disable=not progress):
         batch.step(unet, scheduler, t, sampler)
     return batch.trajectories(scheduler.timesteps)
 
 
-def sample_images(models, prompt_embeds, negative_embeds, generators, sampler, progress=True):
+def sample_images(models, conditioning, negative, generators, sampler, progress=True):
     """(trajectories, uint8 images (B, H, W, 3)) of one batch: sample_trajectories, then the VAE."""
-    trajectories = sample_trajectories(models, prompt_embeds, negative_embeds, generators, sampler, progress)
+    trajectories = sample_trajectories(models, conditioning, negative, generators, sampler, progress)
     return trajectories, decode_images(models, trajectories.latents[:, -1])
 
 

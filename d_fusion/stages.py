@@ -23,13 +23,21 @@ from d_fusion.cli import config_file
 from d_fusion.checkpoints import checkpoints_at, resume, save_epoch_checkpoint
 from d_fusion.datadir import damaged_units, mean, read_image, write_image
 from d_fusion.errors import UserError
+from d_fusion.families import Conditioning
 from d_fusion.fusion import FusionBatch, FusionSettings, fused_sampling
 from d_fusion.injection import injection_from_config
 from d_fusion.masks import item_selection, load_objects, mask_picture
 from d_fusion.objectives import per_prompt_advantages
 from d_fusion.pairing import check_samples_per_prompt, pair_samples
 from d_fusion.prompts import EpochLayout
-from d_fusion.sampling import SamplerSettings, Trajectories, decode_images, encode_prompts, sample_images
+from d_fusion.sampling import (
+    SamplerSettings,
+    Trajectories,
+    decode_images,
+    encode_prompts,
+    negative_conditioning,
+    sample_images,
+)
 from d_fusion.scoring import load_scorer_from_config
 from d_fusion.trainer import PreferencePairs, ScoredSamples, Trainer
 
@@ -74,13 +82,13 @@ class Run:
     objects: dict  # {prompt: PromptObjects}, from check_fusion_inputs
     sampler: SamplerSettings
     fusion: FusionSettings
-    negative_embeds: torch.Tensor  # (1, 77, D): the empty prompt
+    negative: Conditioning  # one row: CFG's unconditional conditioning
 
     @staticmethod
     def build(config, models, experiment, prompts, objects):
         return Run(
             config, models, experiment, epoch_layout(config, prompts), objects, sampler_settings(config),
-            fusion_settings(config), encode_prompts(models, [""]),
+            fusion_settings(config), negative_conditioning(models),
         )
 
 
@@ -210,10 +218,10 @@ def sample_batch(run, epoch, batch):
     """Sample the batch (start, stop) of samples (one prompt) and write its images and trajectories."""
     indices = range(*batch)
     images = run.experiment.epoch(epoch).sampled
-    prompt_embeds = encode_prompts(run.models, [run.layout.sample_prompts[batch[0]]]).expand(len(indices), -1, -1)
+    conditioning = encode_prompts(run.models, [run.layout.sample_prompts[batch[0]]]).expand(len(indices))
     generators = run.layout.generators(epoch, indices)
     trajectories, pictures = sample_images(
-        run.models, prompt_embeds, run.negative_embeds, generators, run.sampler, progress=distributed.is_main()
+        run.models, conditioning, run.negative, generators, run.sampler, progress=distributed.is_main()
     )
     images.save_images(indices, pictures)
     images.save_trajectories(indices, trajectories)
@@ -410,10 +418,10 @@ def fusion_batch(run, epoch, pairs):
     sample_prompts, models = run.layout.sample_prompts, run.models
     references = list(dict.fromkeys(p.reference for p in pairs))
     prompts = [sample_prompts[r] for r in references]
-    reference_embeds = encode_prompts(models, prompts)
-    weights, thresholds = item_selection(models.tokenizer, prompts, run.objects, reference_embeds.shape[1])
+    reference_conditioning = encode_prompts(models, prompts)
+    weights, thresholds = item_selection(models.tokenizer, prompts, run.objects, reference_conditioning.num_tokens)
     return FusionBatch(
-        reference_embeds,
+        reference_conditioning,
         run.layout.generators(epoch, references),
         run.layout.generators(epoch, [p.base for p in pairs]),
         torch.tensor([references.index(p.reference) for p in pairs]),
@@ -426,7 +434,7 @@ def fuse_pairs(run, epoch, pairs):
     """Make the targets of `pairs` and write them, copies of their references and bases, and the masks."""
     epoch_dir, models, sample_prompts = run.experiment.epoch(epoch), run.models, run.layout.sample_prompts
     batch, references = fusion_batch(run, epoch, pairs)
-    fused = fused_sampling(models.unet, models.scheduler, batch, run.negative_embeds, run.fusion)
+    fused = fused_sampling(models.unet, models.scheduler, batch, run.negative, run.fusion)
     targets = [p.target for p in pairs]
     epoch_dir.injected.save_images(targets, decode_images(models, fused.targets.latents[:, -1]))
     epoch_dir.injected.save_trajectories(targets, fused.targets)
@@ -482,7 +490,7 @@ def make_trainer(config, models):
 
 
 def embed_prompts(models, prompts):
-    """Embeddings (N, 77, D) of a list of prompts, each distinct prompt encoded once."""
+    """The conditioning (N rows) of a list of prompts, each distinct prompt encoded once."""
     distinct = list(dict.fromkeys(prompts))
     table = encode_prompts(models, distinct)
     return table[[distinct.index(p) for p in prompts]]
@@ -524,12 +532,12 @@ def load_scored_samples(trainer, epoch_dir, adv_clip_max, batch_size):
     samples = epoch_dir.sampled.load_trajectories(range(len(sample_prompts)))
     targets = epoch_dir.injected.load_trajectories(range(len(target_prompts)))
     trainer.check_steps(targets)
-    target_embeds = embed_prompts(policy.models, target_prompts)
+    target_conditioning = embed_prompts(policy.models, target_prompts)
     # each process recomputes its share of the targets
     rows = distributed.shard(range(len(target_prompts)))
     batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     with trainer.accelerator.autocast():
-        share = [policy.trajectory_log_probs(targets[batch], target_embeds[batch]) for batch in batches]
+        share = [policy.trajectory_log_probs(targets[batch], target_conditioning[batch]) for batch in batches]
     targets.log_probs = torch.cat([log_probs for part in distributed.gather(share) for log_probs in part])
     prompts = sample_prompts + target_prompts
     scores = complete_scores(epoch_dir.sampled, len(sample_prompts)) + complete_scores(
@@ -537,7 +545,7 @@ def load_scored_samples(trainer, epoch_dir, adv_clip_max, batch_size):
     )
     return ScoredSamples(
         Trajectories.cat([samples, targets]),
-        torch.cat([embed_prompts(policy.models, sample_prompts), target_embeds]),
+        Conditioning.cat([embed_prompts(policy.models, sample_prompts), target_conditioning]),
         per_prompt_advantages(scores, prompts, adv_clip_max),
     )
 

@@ -28,8 +28,9 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from d_fusion import distributed
 from d_fusion.ddim import ddim_step_with_logprob, step_std
 from d_fusion.errors import UserError
+from d_fusion.families import Conditioning
 from d_fusion.objectives import dpo_loss, ppo_loss
-from d_fusion.sampling import Trajectories, encode_prompts, guided_noise
+from d_fusion.sampling import Trajectories, guided_noise, negative_conditioning
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +79,10 @@ class Policy:
     """Everything needed to score a stored transition under the current UNet."""
 
     models: object  # StableDiffusion
-    negative_embeds: torch.Tensor  # (1, 77, D): the empty prompt
+    negative: Conditioning  # one row: CFG's unconditional conditioning
     sampler: object  # SamplerSettings of the trajectories (with train.cfg as its cfg)
 
-    def transition(self, latents, timesteps, step, prompt_embeds):
+    def transition(self, latents, timesteps, step, conditioning):
         """log p(x_{t'} | x_t, c) at `step` of trajectories latents (B, T+1, C, H, W), and the noise prediction.
 
         Returns (log_prob (B,), noise_pred (B, C, H, W)); differentiable through the LoRA weights.
@@ -93,8 +94,8 @@ class Policy:
             self.models.unet,
             x_t,
             t,
-            prompt_embeds,
-            self.negative_embeds.expand(batch, -1, -1),
+            conditioning,
+            self.negative.expand(batch),
             sampler.guidance_scale,
             cfg=sampler.cfg,
         )
@@ -103,9 +104,9 @@ class Policy:
         )
         return log_prob, noise_pred
 
-    def reference_transition(self, latents, timesteps, step, prompt_embeds):
+    def reference_transition(self, latents, timesteps, step, conditioning):
         with torch.no_grad(), reference_policy(self.models.unet):
-            return self.transition(latents, timesteps, step, prompt_embeds)
+            return self.transition(latents, timesteps, step, conditioning)
 
     def set_timesteps(self):
         """The scheduler's step spacing, which `transition` uses for t' (sampling sets the same)."""
@@ -119,12 +120,12 @@ class Policy:
         return [j for j, t in enumerate(scheduler.timesteps) if step_std(scheduler, t.cpu(), self.sampler.eta) > 0]
 
     @torch.no_grad()
-    def trajectory_log_probs(self, trajectories, prompt_embeds):
+    def trajectory_log_probs(self, trajectories, conditioning):
         """Log-probs (B, T) of every step of stored trajectories under the current policy."""
         self.set_timesteps()
         steps = range(trajectories.timesteps.shape[0])
         return torch.stack(
-            [self.transition(trajectories.latents, trajectories.timesteps, j, prompt_embeds)[0] for j in steps], dim=1
+            [self.transition(trajectories.latents, trajectories.timesteps, j, conditioning)[0] for j in steps], dim=1
         ).cpu()
 
 
@@ -140,14 +141,14 @@ def train_timesteps(steps, fraction, generator):
 @dataclass
 class PreferencePairs:
     """DPO data: pair k is (preferred[k] = target (or reference), dispreferred[k] = base), both of prompt
-    prompt_embeds[k]."""
+    conditioning[k]."""
 
     preferred: Trajectories  # (K, T+1, C, H, W)
     dispreferred: Trajectories
-    prompt_embeds: torch.Tensor  # (K, 77, D)
+    conditioning: Conditioning  # K rows
 
     def __len__(self):
-        return self.prompt_embeds.shape[0]
+        return len(self.conditioning)
 
 
 @dataclass
@@ -155,11 +156,11 @@ class ScoredSamples:
     """DDPO data: trajectories with their old log-probs (in `trajectories.log_probs`) and advantages."""
 
     trajectories: Trajectories  # (N, T+1, C, H, W), log_probs (N, T) = logp_old
-    prompt_embeds: torch.Tensor  # (N, 77, D)
+    conditioning: Conditioning  # N rows
     advantages: torch.Tensor  # (N,)
 
     def __len__(self):
-        return self.prompt_embeds.shape[0]
+        return len(self.conditioning)
 
 
 # ---------------------------------------------------------------- the trainer
@@ -207,7 +208,7 @@ class Trainer:
         if train.gradient_checkpointing:
             models.unet.enable_gradient_checkpointing()
         self.optimizer = self.accelerator.prepare(make_optimizer(self.params))
-        self.policy = Policy(models, encode_prompts(models, [""]), sampler)
+        self.policy = Policy(models, negative_conditioning(models), sampler)
         log.info(
             "LoRA rank %d: %d trainable parameters (%s, %s)",
             train.lora_rank,
@@ -301,9 +302,9 @@ class Trainer:
 
         def timestep_loss(k, step):
             latents = torch.stack([pairs.preferred.latents[k], pairs.dispreferred.latents[k]])  # (2, T+1, C, H, W)
-            embeds = pairs.prompt_embeds[k : k + 1].expand(2, -1, -1).to(self.models.device)
-            log_prob, noise = self.policy.transition(latents, timesteps, step, embeds)
-            ref_log_prob, ref_noise = self.policy.reference_transition(latents, timesteps, step, embeds)
+            conditioning = pairs.conditioning[k : k + 1].expand(2).to(self.models.device)
+            log_prob, noise = self.policy.transition(latents, timesteps, step, conditioning)
+            ref_log_prob, ref_noise = self.policy.reference_transition(latents, timesteps, step, conditioning)
             log_ratio = log_prob - ref_log_prob  # (2,): [w, l]
             return dpo_loss(log_ratio[:1], log_ratio[1:], noise[:1], ref_noise[:1], train.alpha, train.beta, train.eps)
 
@@ -315,8 +316,8 @@ class Trainer:
         self.check_steps(trajectories)
 
         def timestep_loss(i, step):
-            embeds = samples.prompt_embeds[i : i + 1].to(self.models.device)
-            log_prob, _ = self.policy.transition(trajectories.latents[i : i + 1], trajectories.timesteps, step, embeds)
+            conditioning = samples.conditioning[i : i + 1].to(self.models.device)
+            log_prob, _ = self.policy.transition(trajectories.latents[i : i + 1], trajectories.timesteps, step, conditioning)
             old_log_prob = trajectories.log_probs[i : i + 1, step].to(log_prob.device)
             advantage = samples.advantages[i : i + 1].to(log_prob.device)
             return ppo_loss(log_prob, old_log_prob, advantage, self.train.eps)

@@ -28,8 +28,8 @@ def config(tiny_config):
 
 def epoch_pairs(models, epoch):
     """Two (target, base) pairs of one prompt, sampled from the current UNet."""
-    embeds = encode_prompts(models, ["a cat playing chess"]).expand(4, -1, -1)
-    negative = encode_prompts(models, [""]).expand(4, -1, -1)
+    embeds = encode_prompts(models, ["a cat playing chess"]).expand(4)
+    negative = encode_prompts(models, [""]).expand(4)
     generators = sample_generators(7, epoch, 4, range(4))
     trajectories = sample_trajectories(models, embeds, negative, generators, SamplerSettings(NUM_STEPS, 1.0, 5.0, True), progress=False)
     return PreferencePairs(trajectories[0:2], trajectories[2:4], embeds[:2])
@@ -76,7 +76,7 @@ def test_stock_pipeline_loads_the_checkpoint(config):
     pipeline = StableDiffusionPipeline.from_pretrained(config.pretrained.model, safety_checker=None)
     pipeline.load_lora_weights(checkpoint.root)
     latents = torch.randn(1, *trainer.models.latent_shape, generator=torch.Generator().manual_seed(0))
-    embeds = encode_prompts(trainer.models, ["a cat"])
+    embeds = encode_prompts(trainer.models, ["a cat"]).embeds
     with torch.no_grad():
         ours = trainer.models.unet(latents, 500, encoder_hidden_states=embeds).sample
         stock = pipeline.unet(latents, 500, encoder_hidden_states=embeds).sample

@@ -36,8 +36,8 @@ def regenerate_epoch_1(config, unet_setup):
     """Epoch 1's samples (N, T+1, C, H, W), regenerated from their seeds with a UNet prepared by unet_setup(models)."""
     models = load_models(config.pretrained.model, mixed_precision="no")
     unet_setup(models)
-    embeds = encode_prompts(models, [config.prompt]).expand(NUM_SAMPLES, -1, -1)
-    negative = encode_prompts(models, [""]).expand(NUM_SAMPLES, -1, -1)
+    embeds = encode_prompts(models, [config.prompt]).expand(NUM_SAMPLES)
+    negative = encode_prompts(models, [""]).expand(NUM_SAMPLES)
     generators = sample_generators(config.seed, 1, NUM_SAMPLES, range(NUM_SAMPLES))
     return sample_trajectories(
         models, embeds, negative, generators, SamplerSettings(NUM_STEPS, 1.0, config.sample.guidance_scale), progress=False

@@ -42,7 +42,7 @@ def fuse(sd, fusion_settings, references=(0,), bases=(5, 6), guide=(0, 0), thres
 def stored(sd, indices, num_steps=4):
     """Trajectories of `indices` as sampling makes them, in one batch of those samples."""
     embeds = encode_prompts(sd, [PROMPT] * len(indices))
-    negative = encode_prompts(sd, [""]).expand(len(indices), -1, -1)
+    negative = encode_prompts(sd, [""]).expand(len(indices))
     return sample_trajectories(sd, embeds, negative, generators(indices), SamplerSettings(num_steps, 1.0, 5.0), progress=False)
 
 

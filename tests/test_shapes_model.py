@@ -44,7 +44,7 @@ def shapes_config():
 def sample_scores(models, prompts, seed=0):
     generators = sample_generators(seed, 0, len(prompts), range(len(prompts)))
     trajectories = sample_trajectories(
-        models, encode_prompts(models, prompts), encode_prompts(models, [""]).expand(len(prompts), -1, -1),
+        models, encode_prompts(models, prompts), encode_prompts(models, [""]).expand(len(prompts)),
         generators, SamplerSettings(20, 1.0, 5.0), progress=False,
     )
     images = decode_images(models, trajectories.latents[:, -1])

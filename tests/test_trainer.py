@@ -22,8 +22,8 @@ def small(config):
 
 def sample(models, prompt, indices, epoch=0):
     """Trajectories of `prompt` for sample indices, and the prompt's embeddings (B, 77, D)."""
-    embeds = encode_prompts(models, [prompt]).expand(len(indices), -1, -1)
-    negative = encode_prompts(models, [""]).expand(len(indices), -1, -1)
+    embeds = encode_prompts(models, [prompt]).expand(len(indices))
+    negative = encode_prompts(models, [""]).expand(len(indices))
     generators = sample_generators(0, epoch, 8, indices)
     trajectories = sample_trajectories(models, embeds, negative, generators, SamplerSettings(NUM_STEPS, 1.0, 5.0, True), progress=False)
     return trajectories, embeds

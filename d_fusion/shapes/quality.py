@@ -19,7 +19,7 @@ from PIL import Image
 
 from d_fusion.fusion import FusionBatch, fused_sampling
 from d_fusion.masks import item_selection, load_objects
-from d_fusion.sampling import decode_images, encode_prompts, sample_generators
+from d_fusion.sampling import decode_images, encode_prompts, negative_conditioning, sample_generators
 from d_fusion.stages import fusion_settings
 from d_fusion.shapes import world
 from d_fusion.shapes.reward import find_regions, fully_aligned, match, shapes_score, thing_confidence
@@ -36,14 +36,14 @@ def sample_with_masks(models, config, prompts, seed, thresholds=THRESHOLDS):
     objects are listed K times, once per threshold; one throwaway target keeps the pass cheap.
     """
     objects = load_objects(config, prompts)
-    embeds = encode_prompts(models, prompts)
-    weights, _ = item_selection(models.tokenizer, prompts, objects, embeds.shape[1])  # (B, I, 77)
+    conditioning = encode_prompts(models, prompts)
+    weights, _ = item_selection(models.tokenizer, prompts, objects, conditioning.num_tokens)  # (B, I, 77)
     count = weights.shape[1]
     weights = weights.repeat_interleave(len(thresholds), dim=1)  # (B, I * K, 77)
     levels = torch.tensor(thresholds).repeat(len(prompts), count)  # (B, I * K)
     generators = sample_generators(seed, 0, len(prompts), range(len(prompts)))
-    batch = FusionBatch(embeds, generators, sample_generators(seed, 0, len(prompts), [0]), torch.tensor([0]), weights, levels)
-    fused = fused_sampling(models.unet, models.scheduler, batch, encode_prompts(models, [""]), fusion_settings(config))
+    batch = FusionBatch(conditioning, generators, sample_generators(seed, 0, len(prompts), [0]), torch.tensor([0]), weights, levels)
+    fused = fused_sampling(models.unet, models.scheduler, batch, negative_conditioning(models), fusion_settings(config))
     images = decode_images(models, fused.references.latents[:, -1])
     masks = fused.reference_masks.unflatten(2, (count, len(thresholds)))  # (B, T, I, K, g, g)
     return images, masks
