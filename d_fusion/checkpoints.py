@@ -54,9 +54,10 @@ def save_lora(unet, folder):
     )
 
 
-def load_lora(unet, path):
-    """Set the UNet's LoRA adapter from a load_lora_weights file."""
-    weights = {k[len(UNET_PREFIX) :]: v for k, v in read_tensors(path).items() if k.startswith(UNET_PREFIX)}
+def load_lora(unet, path, prefix=UNET_PREFIX):
+    """Set the UNet's (or, with prefix "transformer.", SD 3's transformer's) LoRA adapter from a
+    load_lora_weights file."""
+    weights = {k[len(prefix) :]: v for k, v in read_tensors(path).items() if k.startswith(prefix)}
     try:
         result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(weights))
     except RuntimeError as error:  # shape mismatch: another rank or model

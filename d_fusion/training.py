@@ -42,10 +42,10 @@ PREFERRED = ("target", "reference")  # train.preferred: what DPO prefers over th
 # ---------------------------------------------------------------- policy and reference
 
 
-def add_lora(unet, rank):
+def add_lora(unet, rank, targets=LORA_TARGETS):
     """LoRA adapters (B = 0: the policy starts equal to the reference); returns the trainable params, in fp32."""
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=LORA_TARGETS))
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=targets))
     cast_training_params(unet, dtype=torch.float32)
     return [p for p in unet.parameters() if p.requires_grad]
 
