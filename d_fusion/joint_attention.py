@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from d_fusion.attention import Fuse, Record, _heads, _merge_heads, blend
+from d_fusion.attention import Fuse, Record, _heads, _merge_heads, blend, processors_installed
 from d_fusion.errors import UserError
 from d_fusion.injection import _range
 
@@ -151,9 +151,5 @@ class JointFusionAttnProcessor:
 def joint_fusion_processors(transformer, mask_blocks):
     """Put a `JointFusionAttnProcessor` on every attention; the transformer's own come back after."""
     layers = joint_attention_layers(transformer, mask_blocks)
-    own = transformer.attn_processors
-    transformer.set_attn_processor({layer.name: JointFusionAttnProcessor(layer) for layer in layers})
-    try:
+    with processors_installed(transformer, {layer.name: JointFusionAttnProcessor(layer) for layer in layers}):
         yield layers
-    finally:
-        transformer.set_attn_processor(own)

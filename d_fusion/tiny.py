@@ -128,7 +128,8 @@ def build_unet(sample_size=SAMPLE_SIZE):
     )
 
 
-def build_vae():
+def build_vae(latent_channels=4, sample_size=SAMPLE_SIZE * 8, scaling_factor=0.18215, **extra):
+    """SD's VAE scaled down: images are 8x the latent (`extra`: more config fields, SD 3's)."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -136,29 +137,33 @@ def build_vae():
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 16, 16, 16),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
-        sample_size=SAMPLE_SIZE * 8,
-        scaling_factor=0.18215,
+        sample_size=sample_size,
+        scaling_factor=scaling_factor,
+        **extra,
     )
+
+
+def _write_pipeline(folder, seed, make_pipeline):
+    """Seed torch, make the pipeline with a real CLIP tokenizer (`make_pipeline(tokenizer)`), save it."""
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as scratch:
+        make_pipeline(build_tokenizer(scratch)).save_pretrained(folder, safe_serialization=True)
 
 
 def build_tiny_sd(folder, seed=0):
     """Write the tiny Stable Diffusion to `folder` (diffusers format)."""
-    torch.manual_seed(seed)
-    with tempfile.TemporaryDirectory() as scratch:
-        tokenizer = build_tokenizer(scratch)
-        pipeline = StableDiffusionPipeline(
-            vae=build_vae(),
-            text_encoder=build_text_encoder(len(tokenizer)),
-            tokenizer=tokenizer,
-            unet=build_unet(),
-            scheduler=DDIMScheduler(**SD_SCHEDULER),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipeline.save_pretrained(folder, safe_serialization=True)
+    _write_pipeline(folder, seed, lambda tokenizer: StableDiffusionPipeline(
+        vae=build_vae(),
+        text_encoder=build_text_encoder(len(tokenizer)),
+        tokenizer=tokenizer,
+        unet=build_unet(),
+        scheduler=DDIMScheduler(**SD_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ))
 
 
 # --- a tiny Stable Diffusion 3.5 (SPEC section 10) ---
@@ -195,41 +200,23 @@ def build_sd3_transformer(sample_size=SD3_SAMPLE_SIZE, num_layers=4, dual_attent
 
 
 def build_sd3_vae():
-    """SD 3's 16-channel VAE (no quant convs, a shift factor) scaled down; images are 8x the latent."""
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=8,
-        sample_size=SD3_SAMPLE_SIZE * 8,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    """SD 3's 16-channel VAE (no quant convs, a shift factor) scaled down."""
+    return build_vae(16, SD3_SAMPLE_SIZE * 8, 1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
 
 
 def build_tiny_sd3(folder, seed=0):
     """Write the tiny SD 3.5 to `folder` (diffusers format, T5 left out as SD 3 allows)."""
-    torch.manual_seed(seed)
-    with tempfile.TemporaryDirectory() as scratch:
-        tokenizer = build_tokenizer(scratch)
-        pipeline = StableDiffusion3Pipeline(
-            transformer=build_sd3_transformer(),
-            scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
-            vae=build_sd3_vae(),
-            text_encoder=build_clip_with_projection(len(tokenizer), SD3_TEXT_DIMS[0]),
-            tokenizer=tokenizer,
-            text_encoder_2=build_clip_with_projection(len(tokenizer), SD3_TEXT_DIMS[1]),
-            tokenizer_2=tokenizer,
-            text_encoder_3=None,
-            tokenizer_3=None,
-        )
-        pipeline.save_pretrained(folder, safe_serialization=True)
+    _write_pipeline(folder, seed, lambda tokenizer: StableDiffusion3Pipeline(
+        transformer=build_sd3_transformer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
+        vae=build_sd3_vae(),
+        text_encoder=build_clip_with_projection(len(tokenizer), SD3_TEXT_DIMS[0]),
+        tokenizer=tokenizer,
+        text_encoder_2=build_clip_with_projection(len(tokenizer), SD3_TEXT_DIMS[1]),
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    ))
 
 
 # open_clip model config of the tiny scorer (the fields of open_clip's ViT-H-14.json, scaled down)

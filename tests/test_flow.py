@@ -6,6 +6,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from d_fusion.flow import flow_step_std, flow_step_with_logprob
 from d_fusion.tiny import SD3_SCHEDULER
+from tests.test_ddim import assert_per_sample_timesteps_equal_one_step_per_sample
 
 
 def make_scheduler(num_steps=10):
@@ -70,16 +71,7 @@ def test_sampled_step_is_mean_plus_std_times_each_generators_noise():
 
 
 def test_per_sample_timesteps_equal_one_step_per_sample():
-    scheduler = make_scheduler()
-    sample, velocity, _ = tensors(3)
-    steps = scheduler.timesteps[[0, 4, 9]]
-    batched, batched_logp, _ = flow_step_with_logprob(scheduler, velocity, steps, sample, 0.7, generators([1, 2, 3]))
-    for row, (t, seed) in enumerate(zip(steps, [1, 2, 3])):
-        alone, alone_logp, _ = flow_step_with_logprob(
-            scheduler, velocity[row : row + 1], t, sample[row : row + 1], 0.7, generators([seed])
-        )
-        torch.testing.assert_close(batched[row : row + 1], alone, atol=1e-6, rtol=0)
-        torch.testing.assert_close(batched_logp[row : row + 1], alone_logp, atol=1e-6, rtol=0)
+    assert_per_sample_timesteps_equal_one_step_per_sample(flow_step_with_logprob, make_scheduler(), 0.7, (0, 4, 9))
 
 
 def test_a_timestep_outside_the_schedule_is_an_error():
