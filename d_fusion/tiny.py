@@ -15,13 +15,15 @@ it as `local-dir:OUT_DIR/clip`, exactly as it loads a downloaded open_clip check
 `build_tiny_sd3(FOLDER)` writes a tiny Stable Diffusion 3.5 (SPEC section 10): SD 3.5 Medium's
 transformer scaled down (joint blocks, the first two with SD 3.5's extra image-only attention),
 the two CLIP text encoders with projection and the real CLIP tokenizer, a 16-channel VAE, SD 3.5's
-flow-matching scheduler config; T5 is left out, as `StableDiffusion3Pipeline` allows.
+flow-matching scheduler config; T5 is left out, as `StableDiffusion3Pipeline` allows (`t5=True`:
+a one-layer T5 encoder with a small SentencePiece-unigram T5 tokenizer).
 """
 
 import gzip
 import json
 import os
 import shutil
+import string
 import sys
 import tempfile
 
@@ -37,7 +39,15 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 TEXT_DIM = 32
 SAMPLE_SIZE = 16  # latent side; images are 8x larger
@@ -204,8 +214,24 @@ def build_sd3_vae():
     return build_vae(16, SD3_SAMPLE_SIZE * 8, 1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
 
 
-def build_tiny_sd3(folder, seed=0):
-    """Write the tiny SD 3.5 to `folder` (diffusers format, T5 left out as SD 3 allows)."""
+def build_t5_tokenizer():
+    """A T5 tokenizer (SentencePiece unigram, T5's special tokens) over lowercase letters, digits and
+    a few words: T5's own 32k vocabulary cannot be had offline."""
+    letters, start = string.ascii_lowercase, "\u2581"  # SentencePiece's word start
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), (start, -2.0)]
+    vocab += [(start + c, -3.0) for c in letters] + [(c, -4.0) for c in letters + string.digits]
+    vocab += [(start + w, -1.0) for w in "a an the and of on cat dog car red blue circle square".split()]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0)
+
+
+def build_t5(vocab_size):
+    """A one-layer T5 encoder whose width is the transformer's joint width (SD 3.5: T5-XXL's 4096)."""
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=SD3_JOINT_DIM, d_kv=8, d_ff=64, num_layers=1, num_heads=2))
+
+
+def build_tiny_sd3(folder, seed=0, t5=False):
+    """Write the tiny SD 3.5 to `folder` (diffusers format); T5 is left out, as SD 3 allows, unless `t5`."""
+    t5_tokenizer = build_t5_tokenizer() if t5 else None
     _write_pipeline(folder, seed, lambda tokenizer: StableDiffusion3Pipeline(
         transformer=build_sd3_transformer(),
         scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
@@ -214,8 +240,8 @@ def build_tiny_sd3(folder, seed=0):
         tokenizer=tokenizer,
         text_encoder_2=build_clip_with_projection(len(tokenizer), SD3_TEXT_DIMS[1]),
         tokenizer_2=tokenizer,
-        text_encoder_3=None,
-        tokenizer_3=None,
+        text_encoder_3=build_t5(len(t5_tokenizer)) if t5 else None,
+        tokenizer_3=t5_tokenizer,
     ))
 
 

@@ -1,10 +1,12 @@
 """SD 3 / 3.5: the tiny model loads as SD 3.5 does; prompts and sampling equal StableDiffusion3Pipeline's."""
 
+import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 
 from d_fusion.sampling import sample_generators
-from d_fusion.sd3 import decode_sd3_images, encode_sd3_prompts, sample_flow_trajectories
+from d_fusion.sd3 import decode_sd3_images, encode_sd3_prompts, load_sd3_models, sample_flow_trajectories
+from d_fusion.tiny import build_tiny_sd3
 from tests.test_sampling import assert_regenerates_alone_and_in_any_batch
 
 PROMPT = "a cat playing chess"
@@ -82,3 +84,28 @@ def test_decoded_images_equal_the_pipelines(tiny_sd3):
     ours = decode_sd3_images(tiny_sd3, latents)
     assert ours.shape == (1, tiny_sd3.resolution, tiny_sd3.resolution, 3)
     assert abs(ours / 255.0 - theirs).max() <= 0.5 / 255 + 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3_t5_dir(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("tiny_sd3_t5") / "sd3")
+    build_tiny_sd3(folder, t5=True)
+    return folder
+
+
+def test_with_t5_prompts_and_sampling_equal_the_pipelines(tiny_sd3_t5_dir):
+    models = load_sd3_models(tiny_sd3_t5_dir, mixed_precision="no")
+    assert models.text_encoder_3 is not None
+    prompts = [PROMPT, "a red circle and a blue square"]
+    pipeline = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_t5_dir)
+    with torch.no_grad():  # as in the pipeline's __call__ (T5 takes another kernel path with gradients)
+        theirs = pipeline.encode_prompt(prompts, None, None, device=models.device)
+    ours, negative = encode_sd3_prompts(models, prompts), encode_sd3_prompts(models, [""])
+    assert ours.embeds[:, 77:].abs().sum() > 0  # T5's tokens
+    for mine, their in zip((ours.embeds, negative.embeds, ours.pooled, negative.pooled), theirs):
+        torch.testing.assert_close(mine.expand_as(their), their, atol=1e-6, rtol=0)
+    latents = pipeline(prompts, num_inference_steps=STEPS, guidance_scale=5.0, generator=sample_generators(42, 0, 8, [0, 1]),
+                       output_type="latent").images
+    torch.testing.assert_close(sample(models, [0, 1], prompts, noise_level=0.0).latents[:, -1], latents, atol=1e-5, rtol=0)
+    without = load_sd3_models(tiny_sd3_t5_dir, mixed_precision="no", t5=False)
+    assert without.text_encoder_3 is None and encode_sd3_prompts(without, prompts).embeds[:, 77:].abs().sum() == 0
