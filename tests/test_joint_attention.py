@@ -151,3 +151,15 @@ def test_block_defaults_and_ranges():
     assert block_range("0-3", "fusion.blocks", 24, default_fusion_blocks) == (0, 3)
     with pytest.raises(UserError, match="blocks 0-23"):
         block_range("20-24", "fusion.mask_blocks", 24, default_mask_blocks)
+
+
+def test_sd35_medium_layer_pattern_under_the_default_blocks():
+    """SD 3.5 Medium's pattern (24 blocks, the first 13 dual-attention), narrow: what the defaults fuse and read."""
+    medium = build_sd3_transformer(num_layers=24, dual_attention_layers=tuple(range(13)))
+    fused = range(default_fusion_blocks(24)[0], default_fusion_blocks(24)[1] + 1)
+    layers = joint_attention_layers(medium, default_mask_blocks(24))
+    assert len(layers) == 24 + 13
+    assert [layer.name for layer in layers if layer.block in fused and not layer.joint] == [
+        "transformer_blocks.12.attn2.processor"
+    ]
+    assert [layer.block for layer in layers if layer.mask_layer] == list(range(8, 16))
