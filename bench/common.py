@@ -49,9 +49,9 @@ SD21_TEXT = dict(
 )
 
 
-def parse_args(description, **extra):
+def parse_args(description, sizes=("tiny", "sd21"), **extra):
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--size", choices=("tiny", "sd21"), default="tiny")
+    parser.add_argument("--size", choices=sizes, default="tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="default: fp16 on GPU, fp32 on CPU")
     parser.add_argument("--repeats", type=int, default=5)

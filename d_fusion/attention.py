@@ -248,12 +248,19 @@ class FusionAttnProcessor:
 
 
 @contextlib.contextmanager
+def processors_installed(model, processors):
+    """The model's attention processors replaced by `processors` ({name: processor}) for the block."""
+    own = model.attn_processors
+    model.set_attn_processor(processors)
+    try:
+        yield
+    finally:
+        model.set_attn_processor(own)
+
+
+@contextlib.contextmanager
 def fusion_processors(unet, mask_resolution=0):
     """Put a `FusionAttnProcessor` on every attention layer; the UNet's own processors come back after."""
     layers = attention_layers(unet, mask_resolution)
-    own = unet.attn_processors
-    unet.set_attn_processor({layer.name: FusionAttnProcessor(layer) for layer in layers})
-    try:
+    with processors_installed(unet, {layer.name: FusionAttnProcessor(layer) for layer in layers}):
         yield layers
-    finally:
-        unet.set_attn_processor(own)

@@ -51,15 +51,17 @@ def save_lora(weights, folder):
     )
 
 
-def read_lora(path):
-    """The UNet's LoRA weights of a load_lora_weights file, without the "unet." prefix."""
-    return {k[len(UNET_PREFIX) :]: v for k, v in read_tensors(path).items() if k.startswith(UNET_PREFIX)}
+def read_lora(path, prefix=UNET_PREFIX):
+    """The LoRA weights of a load_lora_weights file, without their model's prefix ("unet.", or SD 3's
+    "transformer.")."""
+    return {k[len(prefix) :]: v for k, v in read_tensors(path).items() if k.startswith(prefix)}
 
 
-def load_lora(unet, path):
-    """Set the UNet's LoRA adapter from a load_lora_weights file."""
+def load_lora(unet, path, prefix=UNET_PREFIX):
+    """Set the UNet's (or, with prefix "transformer.", SD 3's transformer's) LoRA adapter from a
+    load_lora_weights file."""
     try:
-        misfits = load_lora_state_dict(unet, read_lora(path))
+        misfits = load_lora_state_dict(unet, read_lora(path, prefix))
     except RuntimeError as error:  # shape mismatch: another rank or model
         raise UserError(
             f"LoRA weights {path} do not fit this UNet and its LoRA rank ({error}): "

@@ -76,27 +76,48 @@ def fused_sampling(unet, scheduler, batch, negative, settings, progress=False):
     )
     targets = Denoising(unet, batch.base_generators, target_conditioning, negative)
     injection = settings.injection
-    reference_masks, base_masks, fused = [], [], []
     with fusion_processors(unet, settings.mask_resolution) as layers:
         blocks = sorted({layer.block for layer in layers})
-        for i, t in enumerate(tqdm(scheduler.timesteps, desc="fused step", leave=False, disable=not progress)):
+
+        def blocks_at(i):
             k_blocks = frozenset(b for b in blocks if injection.blends_k(i, num_steps, b))
             v_blocks = frozenset(b for b in blocks if injection.blends_v(i, num_steps, b))
-            reference = Record(k_blocks | v_blocks, keep_masks=settings.use_mask, cfg=sampler.cfg)
-            references.step(unet, scheduler, t, sampler, {"fusion": reference})
-            mask = None
-            if settings.use_mask:
-                reference_masks.append(object_masks(reference.cross_attention_map(), item_weights, item_thresholds))
-                mask = union_mask(reference_masks[-1])
-            target = Fuse(reference, guide, mask, k_blocks, v_blocks)
-            targets.step(unet, scheduler, t, sampler, {"fusion": target})
-            fused += [(i, layer.block) for layer in target.fused]
-            if bases is not None:
-                base = Record(frozenset(), keep_masks=True, cfg=sampler.cfg)
-                bases.step(unet, scheduler, t, sampler, {"fusion": base})
-                base_masks.append(object_masks(base.cross_attention_map(), item_weights[guide], item_thresholds[guide]))
-            del reference, target  # the step's keys and values go
-    timesteps = scheduler.timesteps
+            return k_blocks, v_blocks
+
+        return fuse_steps(
+            unet, scheduler, scheduler.timesteps, (sampler,), references, targets, bases, blocks_at, guide,
+            item_weights, item_thresholds, settings.use_mask, sampler.cfg, progress,
+        )
+
+
+def fuse_steps(
+    model, scheduler, timesteps, step_args, references, targets, bases, blocks_at, guide, item_weights,
+    item_thresholds, use_mask, cfg, progress=False,
+):
+    """The steps of a fused sampling, for any model whose attention processors read `Record` and `Fuse`.
+
+    references, targets, bases (or None): the batches on their way (`sampling.Denoising` or the like),
+    stepped as `batch.step(model, scheduler, t, *step_args, attention_kwargs)`; blocks_at(i): the
+    blocks (k_blocks, v_blocks) whose K, V the targets take from their references at step i; guide
+    (B,), item_weights (R, I, tokens), item_thresholds (R, I): on the model's device.
+    """
+    reference_masks, base_masks, fused = [], [], []
+    for i, t in enumerate(tqdm(timesteps, desc="fused step", leave=False, disable=not progress)):
+        k_blocks, v_blocks = blocks_at(i)
+        reference = Record(k_blocks | v_blocks, keep_masks=use_mask, cfg=cfg)
+        references.step(model, scheduler, t, *step_args, {"fusion": reference})
+        mask = None
+        if use_mask:
+            reference_masks.append(object_masks(reference.cross_attention_map(), item_weights, item_thresholds))
+            mask = union_mask(reference_masks[-1])
+        target = Fuse(reference, guide, mask, k_blocks, v_blocks)
+        targets.step(model, scheduler, t, *step_args, {"fusion": target})
+        fused += [(i, layer.block) for layer in target.fused]
+        if bases is not None:
+            base = Record(frozenset(), keep_masks=True, cfg=cfg)
+            bases.step(model, scheduler, t, *step_args, {"fusion": base})
+            base_masks.append(object_masks(base.cross_attention_map(), item_weights[guide], item_thresholds[guide]))
+        del reference, target  # the step's keys and values go
     return FusedSamples(
         targets.trajectories(timesteps),
         references.trajectories(timesteps),

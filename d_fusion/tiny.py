@@ -11,19 +11,42 @@ It also writes `OUT_DIR/clip`: a CLIP scorer with ViT-H-14's design scaled down 
 image tower, a transformer text tower with CLIP's BPE vocabulary), random weights, in open_clip's
 local folder format (`open_clip_config.json` + `open_clip_model.safetensors`). The scorer loads
 it as `local-dir:OUT_DIR/clip`, exactly as it loads a downloaded open_clip checkpoint folder.
+
+`build_tiny_sd3(FOLDER)` writes a tiny Stable Diffusion 3.5 (docs/METHOD.md §10): SD 3.5 Medium's
+transformer scaled down (joint blocks, the first two with SD 3.5's extra image-only attention),
+the two CLIP text encoders with projection and the real CLIP tokenizer, a 16-channel VAE, SD 3.5's
+flow-matching scheduler config; T5 is left out, as `StableDiffusion3Pipeline` allows (`t5=True`:
+a one-layer T5 encoder with a small SentencePiece-unigram T5 tokenizer).
 """
 
 import gzip
 import json
 import os
+import string
 import sys
 import tempfile
 
 import open_clip
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 from d_fusion.datadir import atomic_folder
 
@@ -78,9 +101,9 @@ def build_tokenizer(folder):
     return CLIPTokenizer(vocab_file, merges_file, pad_token="<|endoftext|>", model_max_length=77)
 
 
-def build_text_encoder(vocab_size, width=TEXT_DIM, heads=2):
-    """A 2-layer CLIP text model with CLIP's special tokens (width and heads scaled down)."""
-    config = CLIPTextConfig(
+def clip_text_config(vocab_size, width=TEXT_DIM, heads=2):
+    """A 2-layer CLIP text transformer with CLIP's special tokens (width and heads scaled down)."""
+    return CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=width,
         intermediate_size=2 * width,
@@ -93,7 +116,10 @@ def build_text_encoder(vocab_size, width=TEXT_DIM, heads=2):
         eos_token_id=49407,
         pad_token_id=49407,
     )
-    return CLIPTextModel(config)
+
+
+def build_text_encoder(vocab_size, width=TEXT_DIM, heads=2):
+    return CLIPTextModel(clip_text_config(vocab_size, width, heads))
 
 
 def build_unet(sample_size=SAMPLE_SIZE):
@@ -113,7 +139,8 @@ def build_unet(sample_size=SAMPLE_SIZE):
     )
 
 
-def build_vae():
+def build_vae(latent_channels=4, sample_size=SAMPLE_SIZE * 8, scaling_factor=0.18215, **extra):
+    """SD's VAE scaled down: images are 8x the latent (`extra`: more config fields, SD 3's)."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -121,29 +148,102 @@ def build_vae():
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 16, 16, 16),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
-        sample_size=SAMPLE_SIZE * 8,
-        scaling_factor=0.18215,
+        sample_size=sample_size,
+        scaling_factor=scaling_factor,
+        **extra,
     )
+
+
+def _write_pipeline(folder, seed, make_pipeline):
+    """Seed torch, make the pipeline with a real CLIP tokenizer (`make_pipeline(tokenizer)`), save it."""
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as scratch:
+        make_pipeline(build_tokenizer(scratch)).save_pretrained(folder, safe_serialization=True)
 
 
 def build_tiny_sd(folder, seed=0):
     """Write the tiny Stable Diffusion to `folder` (diffusers format)."""
-    torch.manual_seed(seed)
-    with tempfile.TemporaryDirectory() as scratch:
-        tokenizer = build_tokenizer(scratch)
-        pipeline = StableDiffusionPipeline(
-            vae=build_vae(),
-            text_encoder=build_text_encoder(len(tokenizer)),
-            tokenizer=tokenizer,
-            unet=build_unet(),
-            scheduler=DDIMScheduler(**SD_SCHEDULER),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipeline.save_pretrained(folder, safe_serialization=True)
+    _write_pipeline(folder, seed, lambda tokenizer: StableDiffusionPipeline(
+        vae=build_vae(),
+        text_encoder=build_text_encoder(len(tokenizer)),
+        tokenizer=tokenizer,
+        unet=build_unet(),
+        scheduler=DDIMScheduler(**SD_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ))
+
+
+# --- a tiny Stable Diffusion 3.5 (docs/METHOD.md §10) ---
+
+SD3_SAMPLE_SIZE = 16  # latent side: an 8x8 grid of image tokens (patch 2)
+SD3_TEXT_DIMS = (32, 48)  # the two CLIP text encoders' widths (SD 3.5: 768 and 1280)
+SD3_JOINT_DIM = 96  # T5's width in SD 3.5 (4096): the CLIP features are zero-padded to it
+SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)  # SD 3.5's scheduler/scheduler_config.json
+
+
+def build_clip_with_projection(vocab_size, width):
+    """A 2-layer `CLIPTextModelWithProjection` (SD 3's text encoders) with CLIP's special tokens."""
+    return CLIPTextModelWithProjection(clip_text_config(vocab_size, width))
+
+
+def build_sd3_transformer(sample_size=SD3_SAMPLE_SIZE, num_layers=4, dual_attention_layers=(0, 1)):
+    """SD 3.5 Medium's transformer scaled down: joint blocks whose first ones are dual-attention
+    blocks (an extra image-only attention, `attn2`), RMS q/k norms, a last block that drops the text."""
+    return SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=num_layers,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=SD3_JOINT_DIM,
+        caption_projection_dim=16,  # = heads * head dim, as in SD 3.5
+        pooled_projection_dim=sum(SD3_TEXT_DIMS),
+        pos_embed_max_size=sample_size,
+        dual_attention_layers=dual_attention_layers,
+        qk_norm="rms_norm",
+    )
+
+
+def build_sd3_vae():
+    """SD 3's 16-channel VAE (no quant convs, a shift factor) scaled down."""
+    return build_vae(16, SD3_SAMPLE_SIZE * 8, 1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+
+
+def build_t5_tokenizer():
+    """A T5 tokenizer (SentencePiece unigram, T5's special tokens) over lowercase letters, digits and
+    a few words: T5's own 32k vocabulary cannot be had offline."""
+    letters, start = string.ascii_lowercase, "\u2581"  # SentencePiece's word start
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), (start, -2.0)]
+    vocab += [(start + c, -3.0) for c in letters] + [(c, -4.0) for c in letters + string.digits]
+    vocab += [(start + w, -1.0) for w in "a an the and of on cat dog car red blue circle square".split()]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0)
+
+
+def build_t5(vocab_size):
+    """A one-layer T5 encoder whose width is the transformer's joint width (SD 3.5: T5-XXL's 4096)."""
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=SD3_JOINT_DIM, d_kv=8, d_ff=64, num_layers=1, num_heads=2))
+
+
+def build_tiny_sd3(folder, seed=0, t5=False):
+    """Write the tiny SD 3.5 to `folder` (diffusers format); T5 is left out, as SD 3 allows, unless `t5`."""
+    t5_tokenizer = build_t5_tokenizer() if t5 else None
+    _write_pipeline(folder, seed, lambda tokenizer: StableDiffusion3Pipeline(
+        transformer=build_sd3_transformer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
+        vae=build_sd3_vae(),
+        text_encoder=build_clip_with_projection(len(tokenizer), SD3_TEXT_DIMS[0]),
+        tokenizer=tokenizer,
+        text_encoder_2=build_clip_with_projection(len(tokenizer), SD3_TEXT_DIMS[1]),
+        tokenizer_2=tokenizer,
+        text_encoder_3=build_t5(len(t5_tokenizer)) if t5 else None,
+        tokenizer_3=t5_tokenizer,
+    ))
 
 
 # open_clip model config of the tiny scorer (the fields of open_clip's ViT-H-14.json, scaled down)

@@ -40,13 +40,13 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # ---------------------------------------------------------------- policy and reference
 
 
-def add_lora(unet, rank, seed):
-    """LoRA adapters (B = 0: the policy starts equal to the reference; A drawn from `seed`, the global
-    RNG left as it was); returns the trainable params, in fp32."""
+def add_lora(unet, rank, seed, targets=LORA_TARGETS):
+    """LoRA adapters on the `targets` projections (B = 0: the policy starts equal to the reference; A drawn
+    from `seed`, the global RNG left as it was); returns the trainable params, in fp32."""
     unet.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=LORA_TARGETS))
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=targets))
     cast_training_params(unet, dtype=torch.float32)
     return [p for p in unet.parameters() if p.requires_grad]
 

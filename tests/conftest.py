@@ -71,3 +71,21 @@ def crash_on_call(monkeypatch):
         return calls
 
     return patch
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """A folder with the tiny SD 3.5 (diffusers format, no T5) written by `tiny.build_tiny_sd3`."""
+    from d_fusion.tiny import build_tiny_sd3
+
+    folder = str(tmp_path_factory.mktemp("tiny_sd3") / "sd3")
+    build_tiny_sd3(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tiny_sd3_dir):
+    """The tiny SD 3.5, loaded through the same path as SD 3.5 (fp32, CPU)."""
+    from d_fusion.sd3 import load_sd3_models
+
+    return load_sd3_models(tiny_sd3_dir, mixed_precision="no")

@@ -47,18 +47,21 @@ def test_clipped_and_thresholded_x0_follow_the_scheduler_config():
         torch.testing.assert_close(ours, diffusers_step(scheduler, model_output, t, sample, 1.0, [1, 2]), atol=1e-5, rtol=0)
 
 
-def test_per_sample_timesteps_equal_one_step_per_sample():
-    scheduler = make_scheduler("epsilon")
+def assert_per_sample_timesteps_equal_one_step_per_sample(step, scheduler, level, step_indices=(0, 10, 19)):
+    """`step(scheduler, model_output, timestep(s), sample, level, generators)` of a batch at one timestep
+    per sample equals each sample's step alone (ours for DDIM and for flow matching)."""
     torch.manual_seed(2)
     sample, model_output = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
-    steps = scheduler.timesteps[[0, 10, 19]]
-    batched, batched_logp, _ = ddim_step_with_logprob(scheduler, model_output, steps, sample, 1.0, generators([1, 2, 3]))
+    steps = scheduler.timesteps[list(step_indices)]
+    batched, batched_logp, _ = step(scheduler, model_output, steps, sample, level, generators([1, 2, 3]))
     for row, (t, seed) in enumerate(zip(steps, [1, 2, 3])):
-        alone, alone_logp, _ = ddim_step_with_logprob(
-            scheduler, model_output[row : row + 1], t, sample[row : row + 1], 1.0, generators([seed])
-        )
+        alone, alone_logp, _ = step(scheduler, model_output[row : row + 1], t, sample[row : row + 1], level, generators([seed]))
         torch.testing.assert_close(batched[row : row + 1], alone, atol=1e-6, rtol=0)
         torch.testing.assert_close(batched_logp[row : row + 1], alone_logp, atol=1e-6, rtol=0)
+
+
+def test_per_sample_timesteps_equal_one_step_per_sample():
+    assert_per_sample_timesteps_equal_one_step_per_sample(ddim_step_with_logprob, make_scheduler("epsilon"), 1.0)
 
 
 @pytest.mark.parametrize("eta", [1.0, 0.5])
