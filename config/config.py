@@ -12,6 +12,8 @@ Every field is overridable on the command line as `--config.a.b value`. How the 
     pairs per optimizer step = train.batch_size * train.gradient_accumulation_steps
     optimizer steps per epoch = train.num_inner_epochs * ceil((N / 2) / pairs per step)
     timesteps per pair (or sample) = floor(sample.num_steps * train.timestep_fraction), of the steps with std > 0
+    training UNet calls per optimizer step = ceil(pairs per step * timesteps per pair / train.compute_batch_size),
+        each of 4 * train.compute_batch_size rows for DPO with CFG (2 trajectories x 2), 2 * for DDPO
 
 Variants (`--config config/config.py:<name>`):
 - `release_full`: the release README's "full version" run on SD 2.1 base (40 prompts x 16 samples);
@@ -35,6 +37,7 @@ RERUN_MAY_CHANGE = (
     "train.num_checkpoint_limit",
     "train.tensorboard",
     "train.gradient_checkpointing",  # memory against speed, the same gradients
+    "train.compute_batch_size",  # (item, timestep) rows per training UNet call, the same gradients
     "fusion.batch_size",  # targets per fused pass
     "fusion.mask_images",  # which mask pictures are saved
     "eval.inline",  # score in the sampler, or wait for run_eval.py
@@ -133,6 +136,10 @@ def project_config(config):
     # (the paper's baseline: the ordinary well-aligned sample, visually inconsistent with the base)
     config.train.preferred = "target"
     config.train.lora_rank = 4  # LoRA rank on the UNet's to_q, to_k, to_v, to_out.0
+    # (pair or sample, timestep) rows per training UNet forward and backward, each row at its own
+    # timestep (DPO: 4 UNet rows each with CFG); an optimizer step's gradient is the same whatever it
+    # is (pure batching). Larger fills a GPU better and needs more memory (with checkpointing less)
+    config.train.compute_batch_size = 4
     config.train.gradient_checkpointing = False  # recompute UNet activations in backward: less memory, slower
     config.train.tensorboard = False  # also log the metrics to data/<exp_name>/tensorboard (needs tensorboard)
     # a checkpoint folder (checkpoints/checkpoint_<k>) or a folder of them (the newest is used): the run

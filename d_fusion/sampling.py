@@ -47,12 +47,14 @@ def negative_conditioning(models):
 def guided_noise(unet, latents, timestep, conditioning, negative, guidance_scale, cfg=True, attention_kwargs=None):
     """The UNet's noise prediction with classifier-free guidance.
 
-    latents: (B, C, H, W); conditioning, negative: B-row Conditionings. With CFG the batch is
-    [uncond; cond], as diffusers does.
+    latents: (B, C, H, W); conditioning, negative: B-row Conditionings; timestep: a number, or (B,) one
+    per row. With CFG the batch is [uncond; cond], as diffusers does.
     """
     if cfg:
         model_input = torch.cat([latents, latents])
         conditioning = Conditioning.cat([negative, conditioning])
+        if torch.is_tensor(timestep) and timestep.ndim:
+            timestep = torch.cat([timestep, timestep])
     else:
         model_input = latents
     input_dtype = unet.conv_in.weight.dtype  # not unet.dtype, which walks every parameter on each call

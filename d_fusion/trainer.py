@@ -5,8 +5,12 @@ disabled (no second copy). Both run plain attention with CFG when `train.cfg`. T
 of a stored transition x_t -> x_{t'} is docs/METHOD.md §3.2's, evaluated at the stored x_{t'}.
 
 Optimisation: each pair (DPO) or sample (DDPO) contributes a random subset of its steps;
-`train.batch_size * train.gradient_accumulation_steps` of them, one after another, make one
-optimizer step (the loss is the mean over their timesteps). `num_inner_epochs` reshuffled passes.
+`train.batch_size * train.gradient_accumulation_steps` of them make one optimizer step (the loss is
+the mean over their (item, timestep) rows). The rows go through the UNet `train.compute_batch_size`
+at a time, each row at its own timestep; the chunking changes nothing but the speed (and the last
+bits of fp32 sums). `num_inner_epochs` reshuffled passes, planned before training (`epoch_plan`).
+The reference's log-probabilities of the epoch's DPO rows are computed once, before the first
+pass: the reference (adapters off) does not change during an epoch.
 
 Data-parallel (`accelerate launch --num_processes K`): `train.batch_size` is per process, so a step
 takes K times as many items; each process takes its share of them, and the LoRA gradients are
@@ -85,16 +89,18 @@ class Policy:
     def transition(self, latents, timesteps, step, conditioning):
         """log p(x_{t'} | x_t, c) at `step` of trajectories latents (B, T+1, C, H, W), and the noise prediction.
 
-        Returns (log_prob (B,), noise_pred (B, C, H, W)); differentiable through the LoRA weights.
+        step: one step index, or (B,) one per row (each row at its own timestep). Returns (log_prob (B,),
+        noise_pred (B, C, H, W)); differentiable through the LoRA weights.
         """
         device, batch, sampler = self.models.device, latents.shape[0], self.sampler
-        x_t, x_next = latents[:, step].to(device), latents[:, step + 1].to(device)
+        rows = torch.arange(batch)
+        x_t, x_next = latents[rows, step].to(device), latents[rows, step + 1].to(device)
         t = timesteps[step].to(device)
         noise_pred = guided_noise(
             self.models.unet,
             x_t,
             t,
-            conditioning,
+            conditioning.to(device),
             self.negative.expand(batch),
             sampler.guidance_scale,
             cfg=sampler.cfg,
@@ -133,6 +139,22 @@ def train_timesteps(steps, fraction, generator):
     """The first floor(len(steps) * fraction) of a random permutation of `steps` (step indices)."""
     steps = list(steps)
     return [steps[i] for i in torch.randperm(len(steps), generator=generator)[: int(len(steps) * fraction)].tolist()]
+
+
+@dataclass(frozen=True)
+class OptimizerStep:
+    """One optimizer step of an epoch's plan: the (item, step index) rows this process trains on, and
+    the number of rows of the whole group (every process's), by which each row's loss is divided."""
+
+    rows: list  # [(item, step)], step-major: the items' first timesteps, then their second, ...
+    group_rows: int
+
+
+def chunks(rows, size):
+    """`rows` in consecutive chunks of `size`, each as (items (n,) long, steps (n,) long)."""
+    for start in range(0, len(rows), size):
+        items, steps = zip(*rows[start : start + size])
+        yield torch.tensor(items), torch.tensor(steps)
 
 
 # ---------------------------------------------------------------- the epoch's training data
@@ -264,62 +286,102 @@ class Trainer:
         """The generator of an epoch's shuffles and timestep subsets: a function of (seed, epoch), so resume is exact."""
         return torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
 
-    def optimize(self, num_items, timestep_loss, epoch):
-        """`num_inner_epochs` shuffled passes over items 0..num_items-1; returns the mean statistics.
-
-        timestep_loss(item, step) -> (loss (B,), stats) for one training timestep of one item.
-        """
+    def epoch_plan(self, num_items, epoch):
+        """Every OptimizerStep of the epoch: `num_inner_epochs` shuffled passes over items 0..num_items-1
+        in groups of batch_size * gradient_accumulation_steps * processes items, each item with its
+        random timesteps. Drawn before any training from the epoch's generator (nothing else draws
+        from it), in the order the one-item-at-a-time loop drew them; every process draws the whole
+        plan and keeps its share of each group."""
         train = self.train
         generator = self.epoch_generator(epoch)
-        metrics = MetricsSum()
         steps = self.policy.trainable_steps()
         group_size = train.batch_size * train.gradient_accumulation_steps * distributed.world_size()
+        plan = []
         for _ in range(train.num_inner_epochs):
             order = torch.randperm(num_items, generator=generator)
             for group in order.split(group_size):
-                # every process draws every item's timesteps (one random stream), then trains on its share
                 item_steps = [(i, train_timesteps(steps, train.timestep_fraction, generator)) for i in group.tolist()]
-                for item, item_steps_j in distributed.shard(item_steps):
-                    for step in item_steps_j:
-                        with self.accelerator.autocast():
-                            loss, stats = timestep_loss(item, step)
-                        self.accelerator.backward(loss.mean() / (len(group) * len(item_steps_j)))
-                        metrics.add("loss", loss)
-                        for name, values in stats.items():
-                            metrics.add(name, values)
-                distributed.sum_gradients(self.params)  # the group's mean gradient on every process
-                self.accelerator.clip_grad_norm_(self.params, train.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                per_item = len(item_steps[0][1])
+                share = distributed.shard(item_steps)
+                rows = [(item, item_steps_j[s]) for s in range(per_item) for item, item_steps_j in share]
+                plan.append(OptimizerStep(rows, len(group) * per_item))
+        return plan
+
+    def optimize(self, plan, rows_loss):
+        """Train on an epoch's plan (`epoch_plan`); returns the mean statistics.
+
+        Each optimizer step's rows go through the UNet `train.compute_batch_size` at a time (one forward
+        and backward each), so its gradient is the mean over the group's rows whatever the chunking.
+        rows_loss(items (n,), steps (n,)) -> (loss (n,), stats {name: (n,)}).
+        """
+        train = self.train
+        metrics = MetricsSum()
+        for step in plan:
+            for items, steps in chunks(step.rows, train.compute_batch_size):
+                with self.accelerator.autocast():
+                    loss, stats = rows_loss(items, steps)
+                self.accelerator.backward(loss.sum() / step.group_rows)
+                metrics.add("loss", loss)
+                for name, values in stats.items():
+                    metrics.add(name, values)
+            distributed.sum_gradients(self.params)  # the group's mean gradient on every process
+            self.accelerator.clip_grad_norm_(self.params, train.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         metrics = MetricsSum.total(distributed.gather(metrics))
         return metrics.means() | {"lr": self.optimizer.param_groups[0]["lr"]}
+
+    def reference_log_probs(self, pairs, rows):
+        """{(item, step): (2,) [logp_ref(w), logp_ref(l)]} of every distinct row of `rows`, without gradients,
+        `train.compute_batch_size` pairs per UNet call: the reference does not change during an epoch."""
+        table = {}
+        for items, steps in chunks(list(dict.fromkeys(rows)), self.train.compute_batch_size):
+            with self.accelerator.autocast():
+                log_prob, _ = self.policy.reference_transition(*pair_rows(pairs, items, steps))
+            for row, value in zip(zip(items.tolist(), steps.tolist()), log_prob.view(2, -1).T.cpu()):
+                table[row] = value
+        return table
 
     def train_pairs(self, pairs, epoch):
         """DPO on the epoch's (target, base) pairs; returns the epoch's training metrics."""
         train = self.train
-        timesteps = pairs.preferred.timesteps
         self.check_steps(pairs.preferred)
+        plan = self.epoch_plan(len(pairs), epoch)
+        reference = self.reference_log_probs(pairs, [row for step in plan for row in step.rows])
 
-        def timestep_loss(k, step):
-            latents = torch.stack([pairs.preferred.latents[k], pairs.dispreferred.latents[k]])  # (2, T+1, C, H, W)
-            conditioning = pairs.conditioning[k : k + 1].expand(2).to(self.models.device)
-            log_prob, noise = self.policy.transition(latents, timesteps, step, conditioning)
-            ref_log_prob, ref_noise = self.policy.reference_transition(latents, timesteps, step, conditioning)
-            log_ratio = log_prob - ref_log_prob  # (2,): [w, l]
-            return dpo_loss(log_ratio[:1], log_ratio[1:], noise[:1], ref_noise[:1], train.alpha, train.beta, train.eps)
+        def rows_loss(items, steps):
+            latents, timesteps, both_steps, conditioning = pair_rows(pairs, items, steps)
+            log_prob, noise = self.policy.transition(latents, timesteps, both_steps, conditioning)  # (2n,): [w; l]
+            ref_log_prob = torch.stack([reference[row] for row in zip(items.tolist(), steps.tolist())])  # (n, 2)
+            log_ratio_w, log_ratio_l = log_prob.view(2, -1) - ref_log_prob.T.to(log_prob.device)
+            w = slice(0, len(items))
+            noise_w = noise[w]
+            if train.beta > 0:  # the regulariser: the reference's noise prediction on w
+                ref_noise_w = self.policy.reference_transition(latents[w], timesteps, steps, conditioning[w])[1]
+            else:
+                ref_noise_w = noise_w.detach()  # a regulariser of weight 0
+            return dpo_loss(log_ratio_w, log_ratio_l, noise_w, ref_noise_w, train.alpha, train.beta, train.eps)
 
-        return self.optimize(len(pairs), timestep_loss, epoch)
+        return self.optimize(plan, rows_loss)
 
     def train_samples(self, samples, epoch):
         """DDPO (PPO-clip) on the epoch's scored samples; returns the epoch's training metrics."""
         trajectories = samples.trajectories
         self.check_steps(trajectories)
 
-        def timestep_loss(i, step):
-            conditioning = samples.conditioning[i : i + 1].to(self.models.device)
-            log_prob, _ = self.policy.transition(trajectories.latents[i : i + 1], trajectories.timesteps, step, conditioning)
-            old_log_prob = trajectories.log_probs[i : i + 1, step].to(log_prob.device)
-            advantage = samples.advantages[i : i + 1].to(log_prob.device)
+        def rows_loss(items, steps):
+            conditioning = samples.conditioning[items].to(self.models.device)
+            log_prob, _ = self.policy.transition(trajectories.latents[items], trajectories.timesteps, steps, conditioning)
+            old_log_prob = trajectories.log_probs[items, steps].to(log_prob.device)
+            advantage = samples.advantages[items].to(log_prob.device)
             return ppo_loss(log_prob, old_log_prob, advantage, self.train.eps)
 
-        return self.optimize(len(samples), timestep_loss, epoch)
+        return self.optimize(self.epoch_plan(len(samples), epoch), rows_loss)
+
+
+def pair_rows(pairs, items, steps):
+    """The rows (item, step) of both sides of their pairs, [w; l]: (latents (2n, T+1, C, H, W), timesteps
+    (T,), steps (2n,), conditioning (2n rows)), as `Policy.transition` takes them."""
+    latents = torch.cat([pairs.preferred.latents[items], pairs.dispreferred.latents[items]])
+    conditioning = pairs.conditioning[items]
+    return latents, pairs.preferred.timesteps, torch.cat([steps, steps]), Conditioning.cat([conditioning, conditioning])

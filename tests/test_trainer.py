@@ -7,9 +7,25 @@ import torch
 from diffusers import DDIMScheduler
 
 from d_fusion.errors import UserError
-from d_fusion.sampling import SamplerSettings, encode_prompts, guided_noise, sample_generators, sample_trajectories
+from d_fusion.families import Conditioning
+from d_fusion.models import load_models
+from d_fusion.objectives import dpo_loss
+from d_fusion.sampling import (
+    SamplerSettings,
+    Trajectories,
+    encode_prompts,
+    guided_noise,
+    sample_generators,
+    sample_trajectories,
+)
 from d_fusion.stages import check_training_inputs, make_trainer
-from d_fusion.trainer import PreferencePairs, ScoredSamples, add_lora, reference_policy, train_timesteps
+from d_fusion.trainer import (
+    PreferencePairs,
+    ScoredSamples,
+    add_lora,
+    reference_policy,
+    train_timesteps,
+)
 
 NUM_STEPS = 4
 
@@ -145,3 +161,108 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients(fresh_tiny_sd):
         gradients.append(torch.cat([p.grad.flatten() for p in params]))
     assert gradients[0].abs().max() > 0
     torch.testing.assert_close(gradients[1], gradients[0], atol=1e-6, rtol=1e-5)
+
+
+def pairs_of(models, prompt, count):
+    """`count` (preferred, dispreferred) pairs of one prompt, sampled."""
+    trajectories, embeds = sample(models, prompt, list(range(2 * count)))
+    return PreferencePairs(trajectories[:count], trajectories[count:], embeds[:count])
+
+
+def batched(config, algorithm="dpo", beta=0.0):
+    """3 items x 2 timesteps in one optimizer step (batch 2 x accumulation 2), 2 inner epochs."""
+    config = small(config)
+    config.train.algorithm, config.train.beta = algorithm, beta
+    config.train.batch_size, config.train.gradient_accumulation_steps = 2, 2
+    config.train.timestep_fraction, config.train.num_inner_epochs = 0.5, 2
+    config.train.learning_rate, config.train.eps = 1e-3, 0.5
+    return config
+
+
+def perturb(trainer):
+    """LoRA B != 0: the policy differs from the reference, and gradients reach every LoRA matrix."""
+    with torch.no_grad():
+        for i, p in enumerate(trainer.params):
+            p.add_(1e-3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+
+
+def test_the_plan_draws_what_the_one_item_loop_drew(fresh_tiny_sd, tiny_config):
+    trainer = make_trainer(batched(tiny_config), fresh_tiny_sd)
+    plan = trainer.epoch_plan(3, epoch=5)
+    generator, steps = trainer.epoch_generator(5), trainer.policy.trainable_steps()
+    expected = []
+    for _ in range(2):  # inner epochs: a shuffle, then each item's timesteps in shuffled order
+        item_steps = [(i, train_timesteps(steps, 0.5, generator)) for i in torch.randperm(3, generator=generator).tolist()]
+        expected.append([(i, s[j]) for j in range(2) for i, s in item_steps])
+    assert [step.rows for step in plan] == expected and [step.group_rows for step in plan] == [6, 6]
+
+
+def in_float64(trainer, conditioning):
+    """The trainer's UNet (LoRA included) and the text conditioning in float64: UNet calls of other batch
+    sizes then agree to ~1e-15, where fp32 kernels of this random model differ by ~1e-5 of the gradient."""
+    trainer.models.unet.to(torch.float64)
+    trainer.policy.negative = Conditioning(trainer.policy.negative.embeds.double())
+    return Conditioning(conditioning.embeds.double())
+
+
+@pytest.mark.parametrize("algorithm", ["dpo", "ddpo"])
+def test_a_batched_step_has_the_gradient_of_one_row_at_a_time(fresh_tiny_sd, tiny_config, algorithm):
+    config = batched(tiny_config, algorithm)
+    config.train.max_grad_norm = 1e9  # the raw gradient
+    pairs = pairs_of(fresh_tiny_sd, "a cat playing chess", 3)
+    trainer = make_trainer(config, fresh_tiny_sd)
+    perturb(trainer)
+    pairs.conditioning = in_float64(trainer, pairs.conditioning)
+    samples = ScoredSamples(
+        Trajectories.cat([pairs.preferred, pairs.dispreferred]), Conditioning.cat([pairs.conditioning] * 2), torch.linspace(-1, 1, 6)
+    )
+    gradients = []
+    trainer.optimizer.step = lambda: gradients.append(torch.cat([p.grad.flatten() for p in trainer.params]))
+    for size in (1, 4):  # one row per UNet call (the old loop), then rows of several items and timesteps
+        config.train.compute_batch_size = size
+        trainer.train_pairs(pairs, epoch=0) if algorithm == "dpo" else trainer.train_samples(samples, epoch=0)
+    half = len(gradients) // 2
+    for ours, one_row in zip(gradients[half:], gradients[:half]):
+        assert one_row.abs().max() > 0
+        assert (ours - one_row).norm() <= 1e-12 * one_row.norm()
+
+
+def one_row_at_a_time(trainer, pairs, epoch):
+    """The oracle: the epoch's plan trained row by row, each row's reference computed with it."""
+    train, policy, metrics = trainer.train, trainer.policy, {}
+    for step in trainer.epoch_plan(len(pairs), epoch):
+        for item, j in step.rows:
+            latents = torch.stack([pairs.preferred.latents[item], pairs.dispreferred.latents[item]])  # (2, T+1, C, H, W)
+            rows = latents, pairs.preferred.timesteps, j, pairs.conditioning[item : item + 1].expand(2)
+            log_prob, noise = policy.transition(*rows)
+            ref_log_prob, ref_noise = policy.reference_transition(*rows)
+            log_ratio = log_prob - ref_log_prob
+            loss, stats = dpo_loss(log_ratio[:1], log_ratio[1:], noise[:1], ref_noise[:1], train.alpha, train.beta, train.eps)
+            (loss.sum() / step.group_rows).backward()
+            for name, value in dict(loss=loss, **stats).items():
+                metrics.setdefault(name, []).append(value.item())
+        trainer.accelerator.clip_grad_norm_(trainer.params, train.max_grad_norm)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+    return {name: sum(values) / len(values) for name, values in metrics.items()}
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_an_epoch_with_batches_and_cached_references_equals_the_one_row_oracle(fresh_tiny_sd, tiny_dir, tiny_config, beta):
+    config = batched(tiny_config, beta=beta)
+    config.train.compute_batch_size = 4
+    pairs = pairs_of(fresh_tiny_sd, "a cat playing chess", 3)
+    trainers = [make_trainer(config, models) for models in (fresh_tiny_sd, load_models(f"{tiny_dir}/sd", mixed_precision="no"))]
+    for trainer in trainers:
+        perturb(trainer)
+        lora = [p.detach().double() for p in trainer.params]
+        conditioning = in_float64(trainer, pairs.conditioning)
+    pairs.conditioning = conditioning
+    metrics = trainers[0].train_pairs(pairs, epoch=0)
+    expected = one_row_at_a_time(trainers[1], pairs, epoch=0)
+    assert {name: metrics[name] for name in expected} == pytest.approx(expected, rel=1e-6, abs=1e-9)  # the DDIM step is fp32
+    moved = 0
+    for ours, oracle, start in zip(*(t.params for t in trainers), lora):
+        torch.testing.assert_close(ours, oracle, rtol=1e-10, atol=1e-14)
+        moved += not torch.equal(oracle, start)
+    assert moved == len(lora)  # 2 AdamW steps moved every LoRA matrix
