@@ -8,6 +8,7 @@ Every field is overridable on the command line as `--config.a.b value`. How the 
     samples per epoch   N = prompts * n
     references / bases per prompt = n / 4 (each guides two targets) / n / 2
     targets (= DPO pairs) per epoch = N / 2
+    sampling UNet calls per epoch = T * ceil(N / s), s = sample.compute_batch_size rounded down to whole batches
     fused batches per epoch = ceil((N / 2) / fusion.batch_size), fusion.batch_size rounded down to even
     pairs per optimizer step = train.batch_size * train.gradient_accumulation_steps
     optimizer steps per epoch = train.num_inner_epochs * ceil((N / 2) / pairs per step)
@@ -38,6 +39,7 @@ RERUN_MAY_CHANGE = (
     "train.tensorboard",
     "train.gradient_checkpointing",  # memory against speed, the same gradients
     "train.compute_batch_size",  # (item, timestep) rows per training UNet call, the same gradients
+    "sample.compute_batch_size",  # samples per sampling UNet call, the same samples
     "fusion.batch_size",  # targets per fused pass
     "fusion.mask_images",  # which mask pictures are saved
     "eval.inline",  # score in the sampler, or wait for run_eval.py
@@ -129,6 +131,11 @@ def project_config(config):
     config.pretrained.tiny = False  # True: build the missing tiny test models (see above)
     config.tiny_cache = "./.cache/tiny"  # where the tiny models are built
     config.threads = 0  # torch CPU threads; 0 leaves torch's default
+
+    # samples per sampling UNet call (2 rows each with CFG): whole batches of sample.batch_size (rounded
+    # down, at least one), filled across batches and prompts. Each sample draws its noise from its own
+    # generator, so the samples are the same whatever it is (pure batching); larger fills a GPU better
+    config.sample.compute_batch_size = 8
 
     # --- training (METHOD.md §7) ---
     config.train.algorithm = "dpo"  # "dpo": trajectory DPO on (target, base) pairs; "ddpo": PPO-clip on scores

@@ -70,6 +70,7 @@ DOMAINS = {
     "sample.num_steps": integer(1),
     "sample.eta": at_least(0),
     "sample.guidance_scale": at_least(0),
+    "sample.compute_batch_size": integer(1),
     "train.learning_rate": above(0),
     "train.adam_beta1": interval(0, 1, open_hi=True),
     "train.adam_beta2": interval(0, 1, open_hi=True),

@@ -195,30 +195,44 @@ def check_listing(image_set, prompts, remedy):
 # ---------------------------------------------------------------- 1-2. sampling
 
 
+def embed_prompts(models, prompts):
+    """The conditioning (N rows) of a list of prompts, each distinct prompt encoded once."""
+    distinct = list(dict.fromkeys(prompts))
+    table = encode_prompts(models, distinct)
+    return table[[distinct.index(p) for p in prompts]]
+
+
+def samples_per_call(sample):
+    """Samples per sampling UNet call: `sample.compute_batch_size` rounded down to whole batches, at least one."""
+    return max(1, sample.compute_batch_size // sample.batch_size) * sample.batch_size
+
+
 def sample_epoch(run, epoch):
-    """Sample every batch of the epoch not yet published; returns the number of samples."""
+    """Sample every batch of the epoch not yet published, `samples_per_call` samples (whole batches, of one
+    or more prompts) in each UNet call; returns the number of samples."""
     layout, images = run.layout, run.experiment.epoch(epoch).sampled
     prompts = layout.sample_prompts
     remedy = "use another exp_name, or the prompt file and batch sizes of the earlier run"
     published = check_listing(images, prompts, remedy)
     if published:
         log.info("epoch %d: reusing %d published samples", epoch, len(published))
-    batches = units_to_make(
-        images.files, len(published), layout.num_samples, layout.batch_size,
+    units = units_to_make(
+        images.files, len(published), layout.num_samples, samples_per_call(run.config.sample),
         f"epoch {epoch}: regenerating samples %d-%d from their seeds",
     )
     publish_in_rounds(
-        batches, lambda batch: sample_batch(run, epoch, batch), publish_listing(images, prompts, len(published)),
+        units, lambda unit: sample_unit(run, epoch, unit), publish_listing(images, prompts, len(published)),
         f"epoch {epoch} sampling",
     )
     return layout.num_samples
 
 
-def sample_batch(run, epoch, batch):
-    """Sample the batch (start, stop) of samples (one prompt) and write its images and trajectories."""
-    indices = range(*batch)
+def sample_unit(run, epoch, unit):
+    """Sample the samples (start, stop) (whole batches) in one batch and write their images and trajectories.
+    Each sample draws its noise from its own generator, so it is the same in any unit."""
+    indices = range(*unit)
     images = run.experiment.epoch(epoch).sampled
-    conditioning = encode_prompts(run.models, [run.layout.sample_prompts[batch[0]]]).expand(len(indices))
+    conditioning = embed_prompts(run.models, run.layout.sample_prompts[slice(*unit)])
     generators = run.layout.generators(epoch, indices)
     trajectories, pictures = sample_images(
         run.models, conditioning, run.negative, generators, run.sampler, progress=distributed.is_main()
@@ -487,13 +501,6 @@ def make_trainer(config, models):
         config.mixed_precision,
         lambda params: make_optimizer(config, params),
     )
-
-
-def embed_prompts(models, prompts):
-    """The conditioning (N rows) of a list of prompts, each distinct prompt encoded once."""
-    distinct = list(dict.fromkeys(prompts))
-    table = encode_prompts(models, distinct)
-    return table[[distinct.index(p) for p in prompts]]
 
 
 def complete_scores(image_set, count):

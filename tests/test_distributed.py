@@ -22,8 +22,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # 3 prompts x 4 samples (the first batch published by an earlier run, the other two sampled in one
 # round), 3 scoring batches (a round with an idle process), 2 fusion chunks of 4 targets, 6 pairs
-# trained in one optimizer step
+# trained in one optimizer step, in UNet calls of 3 pairs: those of one process's share at one
+# timestep, in both runs (rows are step-major), so the runs differ only in the order of the sums
 SETTINGS = {
+    "train.compute_batch_size": 3,
+    "sample.compute_batch_size": 4,  # a UNet call per batch: the earlier run's batch is a whole unit
     "sample.num_steps": 4,
     "train.num_epochs": 1,
     "train.timestep_fraction": 0.5,

@@ -15,6 +15,7 @@ from d_fusion.models import load_models_from_config
 from d_fusion import sampling, stages
 from d_fusion.prompts import load_prompts
 from d_fusion.stages import Run
+from tests.test_sampling import assert_equal_to_fp32_precision
 
 
 def run_sampling(config, models):
@@ -31,6 +32,7 @@ def small_config(tiny_config):
     tiny_config.sample.batch_size = 2
     tiny_config.sample.num_batches_per_epoch = 2
     tiny_config.sample.num_steps = 3
+    tiny_config.sample.compute_batch_size = 2  # a UNet call per batch: a crash in the second batch
     return tiny_config
 
 
@@ -170,3 +172,23 @@ def test_a_published_sample_with_a_missing_or_damaged_file_is_regenerated(small_
         assert torch.equal(epoch_dir.sampled.load_trajectories([i]).latents[0], latents[i])
     assert {i: os.path.getmtime(epoch_dir.sampled.image_path(i)) for i in (2, 3)} == second_batch
     assert epoch_dir.sampled.published_prompts() == samples
+
+
+def test_sampling_calls_across_batches_and_prompts_make_the_same_samples(tiny_config, tiny_sd, tmp_path):
+    tiny_config.sample.num_steps = 3
+    runs = {}
+    for per_call in (4, 12):  # one batch of one prompt per UNet call; the three prompts' batches in one
+        tiny_config.sample.compute_batch_size = per_call
+        tiny_config.save_path = str(tmp_path / str(per_call))
+        runs[per_call], samples = run_sampling(tiny_config, tiny_sd)
+    assert len(set(samples)) == 3
+    one_batch, all_batches = (runs[k].sampled.load_trajectories(range(len(samples))) for k in (4, 12))
+    assert_equal_to_fp32_precision(all_batches.latents, one_batch.latents)
+    assert_equal_to_fp32_precision(all_batches.log_probs, one_batch.log_probs)
+
+    images = runs[12].sampled
+    picture = np.asarray(Image.open(images.image_path(5)))
+    os.remove(images.image_path(5))
+    run_sampling(tiny_config, tiny_sd)  # regenerated in a call of the same samples: exactly
+    assert np.array_equal(np.asarray(Image.open(images.image_path(5))), picture)
+    assert torch.equal(images.load_trajectories(range(len(samples))).latents, all_batches.latents)
