@@ -42,6 +42,7 @@ RERUN_MAY_CHANGE = (
     "sample.compute_batch_size",  # samples per sampling UNet call, the same samples
     "fusion.batch_size",  # targets per fused pass
     "fusion.mask_images",  # which mask pictures are saved
+    "fusion.one_call",  # one UNet call per fused step or two, the same targets
     "eval.inline",  # score in the sampler, or wait for run_eval.py
     "eval.batch_size",
     "eval.poll_interval",
@@ -185,6 +186,9 @@ def project_config(config):
     # §6.5). Larger fills a GPU better (SD 2.1 fp16 on an H200: 0.59x the release's time at 8
     # targets, 0.52x at 16) and holds more keys and values in memory
     fusion.batch_size = 8
+    # one UNet call per fused step: the targets' step i with the references' step i + 1 (the same targets
+    # as two calls, the references' then the targets': pure batching; holds two steps' keys and values)
+    fusion.one_call = True
     fusion.base_masks = False  # also regenerate each base (one more UNet pass per step) to save its masks
 
     # --- held-out evaluation and report: run_heldout.py, run_report.py ---

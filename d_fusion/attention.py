@@ -18,6 +18,8 @@ up 4, 5, 6). What a processor does in one UNet call comes from a state object pa
   where K_r, V_r are its reference's keys and values recorded at the same layer and step, and
   M (one value per key position) is the reference's fusion mask at this layer's grid, shared by
   both CFG halves and all heads. Without a mask, K' = K_r and V' = V_r.
+- `Split`: several batches in one call, each with its own state (`fusion.py` runs the targets of
+  step i and the references of step i + 1 together).
 
 The six `inject_component` flags (self Q, K, V, cross Q, K, V), as the release reads them (docs/METHOD.md
 §6.4): the self Q flag (with its own `inject_t`/`inject_l` ranges) is the switch, deciding
@@ -160,6 +162,27 @@ class Fuse:
         return self._masks_by_grid[grid].repeat(batch // len(self.guide), 1)
 
 
+@dataclass
+class Split:
+    """One UNet call over several batches, each with its own state (a Record, a Fuse or None), e.g. the
+    targets at step i and the references at step i + 1. The call's batch is the batches in order;
+    with CFG it is [the batches' uncond rows; the batches' cond rows], as `guided_noise` makes it, and
+    each batch's state sees its own rows in the same [uncond; cond] order."""
+
+    states: list
+    sizes: list  # samples of each batch
+    cfg: bool
+
+    def rows(self, device):
+        """Per batch, its rows (B_j_cfg,) of the call's batch."""
+        total, start, rows = sum(self.sizes), 0, []
+        for size in self.sizes:
+            own = torch.arange(start, start + size, device=device)
+            rows.append(torch.cat([own, own + total]) if self.cfg else own)
+            start += size
+        return rows
+
+
 def _heads(x, heads):
     """(B, N, heads * d) -> (B, heads, N, d)."""
     return x.unflatten(-1, (heads, -1)).transpose(1, 2)
@@ -197,18 +220,34 @@ class FusionAttnProcessor:
         self.plain = AttnProcessor2_0()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, fusion=None):
-        layer = self.layer
         if fusion is not None and attention_mask is not None:
-            raise ValueError(f"{layer.name}: fusion passes do not take an attention mask")
-        if isinstance(fusion, Record):
-            if layer.self_attention and layer.block in fusion.kv_blocks:
-                return self.record_keys_values(attn, hidden_states, fusion)
-            if layer.mask_layer and fusion.keep_masks:
-                return self.record_probs(attn, hidden_states, encoder_hidden_states, fusion)
-        if isinstance(fusion, Fuse) and layer.self_attention:
-            if layer.block in fusion.k_blocks or layer.block in fusion.v_blocks:
-                return self.fuse(attn, hidden_states, fusion)
-        return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+            raise ValueError(f"{self.layer.name}: fusion passes do not take an attention mask")
+        if isinstance(fusion, Split) and any(self.route(state) for state in fusion.states):
+            return self.split(attn, hidden_states, encoder_hidden_states, fusion)
+        handler = None if isinstance(fusion, Split) else self.route(fusion)
+        if handler is None:
+            return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        return handler(attn, hidden_states, encoder_hidden_states, fusion)
+
+    def route(self, state):
+        """The method that handles `state` (a Record, a Fuse or None) at this layer; None: plain attention."""
+        layer = self.layer
+        if isinstance(state, Record):
+            if layer.self_attention and layer.block in state.kv_blocks:
+                return self.record_keys_values
+            if layer.mask_layer and state.keep_masks:
+                return self.record_probs
+        if isinstance(state, Fuse) and layer.self_attention:
+            if layer.block in state.k_blocks or layer.block in state.v_blocks:
+                return self.fuse
+        return None
+
+    def split(self, attn, hidden_states, context, split):
+        """Each batch of a Split call through its own state; the rows' outputs put back in place."""
+        out = torch.empty_like(hidden_states)
+        for state, rows in zip(split.states, split.rows(hidden_states.device)):
+            out[rows] = self(attn, hidden_states[rows], None if context is None else context[rows], fusion=state)
+        return out
 
     @staticmethod
     def project(attn, hidden_states, context):
@@ -220,7 +259,7 @@ class FusionAttnProcessor:
         """(B, h, Nq, d) attention output -> the layer's output (B, Nq, C)."""
         return attn.to_out[1](attn.to_out[0](_merge_heads(out)))
 
-    def record_keys_values(self, attn, hidden_states, record):
+    def record_keys_values(self, attn, hidden_states, context, record):
         q, k, v = self.project(attn, hidden_states, hidden_states)
         record.keys[self.layer.name], record.values[self.layer.name] = k, v
         out = F.scaled_dot_product_attention(_heads(q, attn.heads), _heads(k, attn.heads), _heads(v, attn.heads))
@@ -233,7 +272,7 @@ class FusionAttnProcessor:
         record.add_probs(scores.softmax(-1).mean(1))  # (B, Nq, 77), averaged over heads
         return self.output(attn, F.scaled_dot_product_attention(q, k, v))
 
-    def fuse(self, attn, hidden_states, fusion):
+    def fuse(self, attn, hidden_states, context, fusion):
         layer, batch = self.layer, hidden_states.shape[0]
         q, k, v = (_heads(x, attn.heads) for x in self.project(attn, hidden_states, hidden_states))
         k_ref, v_ref = fusion.reference.keys[layer.name], fusion.reference.values[layer.name]

@@ -117,7 +117,13 @@ class Denoising:
             cfg=sampler.cfg,
             attention_kwargs=attention_kwargs,
         )
-        latents, log_prob, _ = ddim_step_with_logprob(scheduler, noise, timestep, latents, sampler.eta, self.generators)
+        self.advance(scheduler, noise, timestep, sampler)
+
+    def advance(self, scheduler, noise, timestep, sampler):
+        """The DDIM step from the batch's latest latents with the noise prediction `noise` (B, C, H, W)."""
+        latents, log_prob, _ = ddim_step_with_logprob(
+            scheduler, noise, timestep, self.latents[-1], sampler.eta, self.generators
+        )
         self.latents.append(latents)
         self.log_probs.append(log_prob)
 

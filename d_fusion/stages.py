@@ -68,6 +68,7 @@ def fusion_settings(config):
         mask_resolution=config.fusion.mask_resolution,
         use_mask=config.fusion.use_mask,
         base_pass=config.fusion.base_masks and config.fusion.use_mask,
+        one_call=config.fusion.one_call,
     )
 
 

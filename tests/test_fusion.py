@@ -11,6 +11,7 @@ from d_fusion.stages import Run, check_fusion_inputs, fuse_epoch, sample_epoch
 from d_fusion.injection import parse_injection
 from d_fusion.masks import PromptObjects, item_selection
 from d_fusion.sampling import SamplerSettings, encode_prompts, sample_generators, sample_trajectories
+from tests.test_sampling import assert_equal_to_fp32_precision
 
 PROMPT = "a dog driving a car"
 SEED, EPOCH, N = 42, 0, 8  # sample j's generator: seed + epoch * N + j
@@ -46,12 +47,17 @@ def stored(sd, indices, num_steps=4):
     return sample_trajectories(sd, embeds, negative, generators(indices), SamplerSettings(num_steps, 1.0, 5.0), progress=False)
 
 
-def test_regenerated_reference_and_base_equal_their_stored_trajectories(tiny_sd):
-    result = fuse(tiny_sd, settings(base_pass=True))
+@pytest.mark.parametrize("one_call", [False, True])
+def test_regenerated_reference_and_base_equal_their_stored_trajectories(tiny_sd, one_call):
+    result = fuse(tiny_sd, settings(base_pass=True, one_call=one_call))
     reference, bases = stored(tiny_sd, [0]), stored(tiny_sd, [5, 6])
-    assert torch.equal(result.references.latents, reference.latents)
-    assert torch.equal(result.references.log_probs, reference.log_probs)
-    assert torch.equal(result.bases.latents, bases.latents)
+    # in its own UNet call a reference is the stored one bit for bit; in a call with the targets, to fp32 precision
+    for actual, expected in ((result.references, reference), (result.bases, bases)):
+        for name in ("latents", "log_probs"):
+            if one_call:
+                assert_equal_to_fp32_precision(getattr(actual, name), getattr(expected, name))
+            else:
+                assert torch.equal(getattr(actual, name), getattr(expected, name))
     # the target starts from its base's noise and is changed by the fusion
     assert torch.equal(result.targets.latents[:, 0], bases.latents[:, 0])
     assert (result.targets.latents[:, -1] - bases.latents[:, -1]).abs().max() > 1e-3
@@ -83,6 +89,28 @@ def test_references_batched_together_guide_their_own_targets(tiny_sd):
         rows = [4, 5, 6, 7].index(bases[0])
         assert torch.equal(alone.reference_masks[0], together.reference_masks[reference])
         torch.testing.assert_close(alone.targets.latents, together.targets.latents[rows : rows + 2], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("use_mask", [True, False])
+def test_one_call_per_step_makes_the_targets_of_two_calls(tiny_sd, use_mask):
+    # the references' step i + 1 in the targets' call of step i: two references, partial masks, bases too
+    made = {
+        one_call: fuse(
+            tiny_sd, settings(base_pass=use_mask, use_mask=use_mask, one_call=one_call), references=(0, 1),
+            bases=(4, 5, 6, 7), guide=(0, 0, 1, 1), thresholds=(0.014, 0.014),
+        )
+        for one_call in (False, True)
+    }
+    two, one = made[False], made[True]
+    assert_equal_to_fp32_precision(one.targets.latents, two.targets.latents)
+    assert_equal_to_fp32_precision(one.targets.log_probs, two.targets.log_probs)
+    assert_equal_to_fp32_precision(one.references.latents, two.references.latents)
+    assert one.fused == two.fused and len(two.fused) > 0
+    assert (two.targets.latents[:, -1] - stored(tiny_sd, [4, 5, 6, 7]).latents[:, -1]).abs().max() > 1e-3
+    if use_mask:
+        assert torch.equal(one.reference_masks, two.reference_masks) and torch.equal(one.base_masks, two.base_masks)
+        fraction = two.reference_masks.any(dim=2).float().mean()
+        assert 0 < fraction < 1, "the test needs masks that are neither empty nor full"
 
 
 def test_fusion_happens_exactly_at_the_specs_steps_and_blocks(tiny_sd):
