@@ -8,7 +8,8 @@ The epoch is the loop's own (d_fusion/stages.py, files written to a scratch fold
 fixed per-sample scores; fusion in batches of 8 targets; DPO on the (target, base) pairs, 2 inner
 epochs, every timestep. "old" is today's settings (OLD below), "new" the config's defaults; both make the same samples, pairs and timesteps from the same LoRA
 start (the script prints how far their samples, targets and trained weights differ). Runs
-alternate (old, new, old, new, ...), medians of `--repeats`. Throughput: images/s (sampling),
+alternate (old, new, old, new, ...); each stage's time is the best of `--repeats` (the first run
+of each warms up, and on a shared machine the best is the least disturbed). Throughput: images/s (sampling),
 targets/s (fusion), pair-timesteps/s (training); peak memory per stage on a GPU (the process's
 max RSS on the CPU); on a GPU the fraction of `--peak-tflops` reached, from the FLOPs of one UNet
 row (counted by torch's FlopCounterMode) times the rows each stage runs (a training row with
@@ -17,14 +18,15 @@ gradients counts as 2 forwards: the frozen weights need no weight gradients). La
 """
 
 import copy
+import os
 import resource
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TQDM_DISABLE", "1")  # the stages' progress bars
 
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
@@ -151,7 +153,7 @@ def main():
                 [p.detach().clone() for p in trainer.params],
             )
             epoch.scratch.cleanup()
-    seconds = {key: statistics.median(values) for key, values in times.items()}
+    seconds = {key: min(values) for key, values in times.items()}
 
     flops = unet_row_flops(models)
     on_gpu = torch.device(args.device).type == "cuda"

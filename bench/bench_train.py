@@ -2,10 +2,12 @@
 
     python bench/bench_train.py                  # tiny model, CPU, fp32, 1 thread
     python bench/bench_train.py --size sd21      # SD 2.1 base architecture (random weights), GPU, fp16
+    python bench/bench_train.py --size sd21 --pairs 8  # 8 pairs in one forward and backward (32 UNet rows)
 
-A step is what `Trainer.train_pairs` does for one (target, base) pair at one timestep: the LoRA
-policy's CFG forward with gradients and the reference's (adapters disabled) on both trajectories,
-the backward pass, grad-norm clipping and one AdamW step. Frozen weights in the bench dtype, LoRA
+A step is what `Trainer.train_pairs` does for `--pairs` (target, base) pairs at one timestep each
+(train.batch_size = train.compute_batch_size = pairs): the reference's log-probs (adapters
+disabled) of both trajectories, the LoRA policy's CFG forward with gradients, the backward pass,
+grad-norm clipping and one AdamW step. Frozen weights in the bench dtype, LoRA
 in fp32, autocast through accelerate as in training. Runs alternate in one process.
 """
 
@@ -27,13 +29,14 @@ PROMPT = "a cat playing chess"
 MIXED_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
 
 
-def random_pairs(models, steps):
-    """One (target, base) pair of random trajectories: timing does not depend on the values."""
+def random_pairs(models, steps, count):
+    """`count` (target, base) pairs of random trajectories: timing does not depend on the values."""
     models.scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(2, steps + 1, *models.latent_shape, generator=generator)
-    trajectories = Trajectories(latents, torch.zeros(2, steps), models.scheduler.timesteps.cpu())
-    return PreferencePairs(trajectories[0:1], trajectories[1:2], encode_prompts(models, [PROMPT]))
+    latents = torch.randn(2 * count, steps + 1, *models.latent_shape, generator=generator)
+    trajectories = Trajectories(latents, torch.zeros(2 * count, steps), models.scheduler.timesteps.cpu())
+    conditioning = encode_prompts(models, [PROMPT]).expand(count)
+    return PreferencePairs(trajectories[:count], trajectories[count:], conditioning)
 
 
 def peak_memory(run, device):
@@ -47,16 +50,22 @@ def peak_memory(run, device):
 
 
 def main():
-    args = parse_args(__doc__, steps=(int, 20, "DDIM steps of the trajectories"), rank=(int, 4, "LoRA rank"))
+    args = parse_args(
+        __doc__,
+        steps=(int, 20, "DDIM steps of the trajectories"),
+        rank=(int, 4, "LoRA rank"),
+        pairs=(int, 1, "pairs in the step, each at one timestep, in one UNet forward and backward"),
+    )
     models = build_models(args.size, args.device, args.torch_dtype)
     config = get_config()
     config.mixed_precision = MIXED_PRECISION[args.dtype]
     config.sample.num_steps = args.steps
     config.train.lora_rank = args.rank
     config.train.num_inner_epochs = 1
-    config.train.timestep_fraction = 1 / args.steps  # one timestep of one pair: one optimizer step
+    config.train.timestep_fraction = 1 / args.steps  # one timestep of each pair: one optimizer step
+    config.train.batch_size = config.train.compute_batch_size = args.pairs
     trainer = make_trainer(config, models)
-    pairs = random_pairs(models, args.steps)
+    pairs = random_pairs(models, args.steps, args.pairs)
 
     def step(checkpointing):
         def run():
@@ -73,7 +82,7 @@ def main():
     memory = {name: peak_memory(run, args.device) for name, run in runs.items()}
     unit = "GiB GPU peak" if torch.device(args.device).type == "cuda" else "GiB process max RSS"
     print(
-        f"DPO step size={args.size} device={args.device} dtype={args.dtype} steps={args.steps} "
+        f"DPO step size={args.size} device={args.device} dtype={args.dtype} steps={args.steps} pairs={args.pairs} "
         f"lora_rank={args.rank} cfg=True ({sum(p.numel() for p in trainer.params)} LoRA parameters)"
     )
     for name in runs:
