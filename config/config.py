@@ -39,6 +39,7 @@ RERUN_MAY_CHANGE = (
     "train.tensorboard",
     "train.gradient_checkpointing",  # memory against speed, the same gradients
     "train.compute_batch_size",  # (item, timestep) rows per training UNet call, the same gradients
+    "train.reference_batch_size",  # rows per UNet call of the reference's log-probs, the same values
     "sample.compute_batch_size",  # samples per sampling UNet call, the same samples
     "fusion.batch_size",  # targets per fused pass
     "fusion.mask_images",  # which mask pictures are saved
@@ -148,6 +149,9 @@ def project_config(config):
     # timestep (DPO: 4 UNet rows each with CFG); an optimizer step's gradient is the same whatever it
     # is (pure batching). Larger fills a GPU better and needs more memory (with checkpointing less)
     config.train.compute_batch_size = 4
+    # (pair, timestep) rows per UNet call of DPO's reference log-probs, computed once per epoch without
+    # gradients (so a larger batch fits than compute_batch_size); pure batching
+    config.train.reference_batch_size = 16
     config.train.gradient_checkpointing = False  # recompute UNet activations in backward: less memory, slower
     config.train.tensorboard = False  # also log the metrics to data/<exp_name>/tensorboard (needs tensorboard)
     # a checkpoint folder (checkpoints/checkpoint_<k>) or a folder of them (the newest is used): the run

@@ -86,6 +86,7 @@ DOMAINS = {
     "train.begin_epoch": integer(0),
     "train.lora_rank": integer(1),
     "train.compute_batch_size": integer(1),
+    "train.reference_batch_size": integer(1),
     "eval.no_scorer_timeout": at_least(0),
     "eval.debug_batch_delay": at_least(0),
     "fusion.mask_resolution": integer(0),

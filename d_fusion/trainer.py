@@ -331,15 +331,16 @@ class Trainer:
         metrics = MetricsSum.total(distributed.gather(metrics))
         return metrics.means() | {"lr": self.optimizer.param_groups[0]["lr"]}
 
+    @torch.no_grad()
     def reference_log_probs(self, pairs, rows):
         """{(item, step): (2,) [logp_ref(w), logp_ref(l)]} of every distinct row of `rows`, without gradients,
-        `train.compute_batch_size` pairs per UNet call: the reference does not change during an epoch."""
+        `train.reference_batch_size` pairs per UNet call: the reference does not change during an epoch."""
         table = {}
-        for items, steps in chunks(list(dict.fromkeys(rows)), self.train.compute_batch_size):
-            with self.accelerator.autocast():
-                log_prob, _ = self.policy.reference_transition(*pair_rows(pairs, items, steps))
-            for row, value in zip(zip(items.tolist(), steps.tolist()), log_prob.view(2, -1).T.cpu()):
-                table[row] = value
+        with reference_policy(self.models.unet), self.accelerator.autocast():
+            for items, steps in chunks(list(dict.fromkeys(rows)), self.train.reference_batch_size):
+                log_prob, _ = self.policy.transition(*pair_rows(pairs, items, steps))
+                for row, value in zip(zip(items.tolist(), steps.tolist()), log_prob.view(2, -1).T.cpu()):
+                    table[row] = value
         return table
 
     def train_pairs(self, pairs, epoch):
