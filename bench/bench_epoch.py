@@ -6,7 +6,9 @@
 The epoch is the loop's own (d_fusion/stages.py, files written to a scratch folder): the first
 `--prompts` prompts of template1_train.json x 8 batches x 2 samples, 20 DDIM steps, CFG; pairs from
 fixed per-sample scores; fusion in batches of 8 targets; DPO on the (target, base) pairs, 2 inner
-epochs, every timestep. "old" is today's settings (OLD below), "new" the config's defaults; both make the same samples, pairs and timesteps from the same LoRA
+epochs, every timestep. "old" is today's settings (OLD below) and today's training loop (each
+(pair, timestep) alone through the UNet with its reference, in every inner epoch: the loop the
+tests check the trainer against, tests/test_trainer.py), "new" the config's defaults; both make the same samples, pairs and timesteps from the same LoRA
 start (the script prints how far their samples, targets and trained weights differ). Runs
 alternate (old, new, old, new, ...); each stage's time is the best of `--repeats` (the first run
 of each warms up, and on a shared machine the best is the least disturbed). Throughput: images/s (sampling),
@@ -18,7 +20,6 @@ gradients counts as 2 forwards: the frozen weights need no weight gradients). La
 """
 
 import copy
-import os
 import resource
 import sys
 import tempfile
@@ -26,7 +27,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("TQDM_DISABLE", "1")  # the stages' progress bars
 
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
@@ -37,10 +37,12 @@ from d_fusion.datadir import ExperimentDir  # noqa: E402
 from d_fusion.prompts import read_prompt_file  # noqa: E402
 from d_fusion.sampling import negative_conditioning  # noqa: E402
 from d_fusion.stages import Run, check_fusion_inputs, fuse_epoch, load_pairs, make_trainer, sample_epoch  # noqa: E402
+from tests.test_trainer import one_row_at_a_time  # noqa: E402
 
-# today's settings, where the new defaults differ: one training row, one sampling batch per UNet call,
-# two UNet calls per fused step
-OLD = {"train.compute_batch_size": 1, "sample.compute_batch_size": 2, "fusion.one_call": False}
+# today's settings, where the new defaults differ: one sampling batch per UNet call, two UNet calls
+# per fused step; today's training is the one-row loop (`one_row_at_a_time`)
+OLD = {"sample.compute_batch_size": 2, "fusion.one_call": False}
+TRAINING = ("train.compute_batch_size", "train.reference_batch_size")  # the new training's batching
 MIXED_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
 STAGES = ("sampling", "fusion", "training")
 
@@ -64,8 +66,9 @@ def setting_overrides(config, names):
 class Epoch:
     """One variant's epoch in a fresh scratch folder; each stage timed and its outputs kept."""
 
-    def __init__(self, config, models, trainer, prompts, scores):
-        self.config, self.models, self.trainer, self.prompts, self.scores = config, models, trainer, prompts, scores
+    def __init__(self, config, today, models, trainer, prompts, scores):
+        self.config, self.today, self.models, self.trainer = config, today, models, trainer
+        self.prompts, self.scores = prompts, scores
         self.scratch = tempfile.TemporaryDirectory()
         self.experiment = ExperimentDir(self.scratch.name, "bench")
         self.run = Run.build(config, models, self.experiment, prompts, check_fusion_inputs(config, prompts))
@@ -78,7 +81,11 @@ class Epoch:
 
     def training(self):
         self.trainer.train = self.config.train
-        self.trainer.train_pairs(load_pairs(self.models, self.experiment.epoch(0)), 0)
+        pairs = load_pairs(self.models, self.experiment.epoch(0))
+        if self.config is self.today:
+            one_row_at_a_time(self.trainer, pairs, 0)
+        else:
+            self.trainer.train_pairs(pairs, 0)
 
 
 def timed(run, device):
@@ -141,7 +148,7 @@ def main():
     for repeat in range(args.repeats):
         for name, config in configs.items():
             trainer.load_state_dict(start)
-            epoch = Epoch(config, models, trainer, prompts, scores)
+            epoch = Epoch(config, configs["old"], models, trainer, prompts, scores)
             for stage in STAGES:
                 seconds, peak = timed(getattr(epoch, stage), args.device)
                 times[name, stage].append(seconds)
@@ -164,7 +171,8 @@ def main():
         f"epoch size={args.size} device={args.device} dtype={args.dtype} threads={args.threads} repeats={args.repeats}: "
         f"{len(prompts)} prompts x {num_samples // len(prompts)} samples, {num_samples // 2} pairs, "
         f"{new_config.sample.num_steps} steps, {new_config.train.num_inner_epochs} inner epochs; "
-        f"old = {OLD}, new = {setting_overrides(new_config, OLD)}; UNet row {flops / 1e9:.2f} GFLOP"
+        f"old = {OLD} and the one-row training loop, new = {setting_overrides(new_config, [*OLD, *TRAINING])}; "
+        f"UNet row {flops / 1e9:.2f} GFLOP"
     )
     for stage in STAGES:
         count, unit = units[stage]

@@ -39,4 +39,4 @@ fi
     for run in "${sd3_runs[@]}"; do
         python3 bench/bench_sd3.py $run --batch $batch --targets $targets --steps 20
     done
-} 2>&1 | grep -v -E "Warning|warn|should be kept in float32|Loading weights" | tee "$log"
+} 2>&1 | grep -v -E "Warning|warn|should be kept in float32|Loading weights|it/s]|s/it]|round/s]|s/round]" | tee "$log"

@@ -228,17 +228,19 @@ def test_a_batched_step_has_the_gradient_of_one_row_at_a_time(fresh_tiny_sd, tin
 
 
 def one_row_at_a_time(trainer, pairs, epoch):
-    """The oracle: the epoch's plan trained row by row, each row's reference computed with it."""
+    """The oracle, the trainer's loop before batching: the epoch's plan trained row by row, each row's
+    reference computed with it (bench/bench_epoch.py times it as today's training)."""
     train, policy, metrics = trainer.train, trainer.policy, {}
     for step in trainer.epoch_plan(len(pairs), epoch):
         for item, j in step.rows:
             latents = torch.stack([pairs.preferred.latents[item], pairs.dispreferred.latents[item]])  # (2, T+1, C, H, W)
             rows = latents, pairs.preferred.timesteps, j, pairs.conditioning[item : item + 1].expand(2)
-            log_prob, noise = policy.transition(*rows)
-            ref_log_prob, ref_noise = policy.reference_transition(*rows)
-            log_ratio = log_prob - ref_log_prob
-            loss, stats = dpo_loss(log_ratio[:1], log_ratio[1:], noise[:1], ref_noise[:1], train.alpha, train.beta, train.eps)
-            (loss.sum() / step.group_rows).backward()
+            with trainer.accelerator.autocast():
+                log_prob, noise = policy.transition(*rows)
+                ref_log_prob, ref_noise = policy.reference_transition(*rows)
+                log_ratio = log_prob - ref_log_prob
+                loss, stats = dpo_loss(log_ratio[:1], log_ratio[1:], noise[:1], ref_noise[:1], train.alpha, train.beta, train.eps)
+            trainer.accelerator.backward(loss.sum() / step.group_rows)
             for name, value in dict(loss=loss, **stats).items():
                 metrics.setdefault(name, []).append(value.item())
         trainer.accelerator.clip_grad_norm_(trainer.params, train.max_grad_norm)
