@@ -105,8 +105,9 @@ def release_config():
 
 def project_config(config):
     """Fields this project adds to the release's (defaults keep the release's behaviour)."""
-    # build the tiny random-weight models into `tiny_cache` when `pretrained.model` (or `eval.model`) is
-    # <tiny_cache>/sd (<tiny_cache>/clip) and missing; a path elsewhere is never built
+    # build the tiny random-weight models into `tiny_cache` when `pretrained.model` (or a reward's model)
+    # is <tiny_cache>/sd (<tiny_cache>/clip, /pickscore, /hpsv2/..., /aesthetic/...) and missing; a path
+    # elsewhere is never built
     config.pretrained.tiny = False
     config.tiny_cache = "./.cache/tiny"
     config.threads = 0  # torch CPU threads; 0 leaves torch's default
@@ -126,14 +127,30 @@ def project_config(config):
 
     # --- CLIP scorer (issue 3, SPEC section 5): run_eval.py, or the sampler itself with eval.inline ---
     config.eval = ev = ml_collections.ConfigDict()
-    # what scores an image against its prompt (d_fusion/scoring.py: REWARDS): "clip" (the release's
-    # CLIP score, with the model below) or "shapes" (the exact reward of the shapes world)
+    # what scores an image against its prompt (d_fusion/rewards.py: REWARDS): "clip" (the release's
+    # CLIP score, with the model below), "pickscore", "hpsv2", "aesthetic" (their models below) or
+    # "shapes" (the exact reward of the shapes world); or a weighted sum, "clip:1.0,pickscore:0.5".
+    # Score files record it; a rerun with another reward stops at start-up (not in RERUN_MAY_CHANGE)
     ev.reward = "clip"
     # open_clip architecture name with a pretrained tag or checkpoint file, or an open_clip folder
     # (open_clip_config.json + weights; "local-dir:" optional; "hf-hub:org/repo" also works).
     # With pretrained.tiny, a missing <tiny_cache>/clip is built like the tiny diffusion model (nothing else).
     ev.model = "ViT-H-14"
     ev.pretrained = "laion2B-s32B-b79K"  # ignored when `model` is a folder or hub id
+    # PickScore: a transformers CLIPModel and its CLIPProcessor (folders or hub ids), as PickScore_v1 ships
+    ev.pickscore_model = "yuvalkirstain/PickScore_v1"
+    ev.pickscore_processor = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    # HPS v2: an open_clip architecture name (or an open_clip model config .json file) and an HPS
+    # checkpoint: a file, or org/repo/file on the hub (xswu/HPSv2 also holds HPS_v2_compressed.pt, v2.0)
+    ev.hpsv2_architecture = "ViT-H-14"
+    ev.hpsv2_checkpoint = "xswu/HPSv2/HPS_v2.1_compressed.pt"
+    # LAION aesthetic predictor: its CLIP (open_clip name and pretrained tag, or a folder) and its head's
+    # weights: a file or org/repo/file. The improved predictor's MLP (sac+logos+ava1-l14-linearMSE.pth) is
+    # published at github.com/christophschuhmann/improved-aesthetic-predictor; LAION's linear v1
+    # (sa_0_4_vit_l_14_linear.pth) at github.com/LAION-AI/aesthetic-predictor: download it and pass its path
+    ev.aesthetic_clip = "ViT-L-14"
+    ev.aesthetic_clip_pretrained = "openai"
+    ev.aesthetic_model = "sac+logos+ava1-l14-linearMSE.pth"
     ev.batch_size = 8  # images per CLIP forward pass; scores are saved after each batch
     ev.inline = False  # True: the sampler scores its own images; False: it waits for run_eval.py
     ev.poll_interval = 2.0  # seconds between looks at data/<exp_name>/ (scorer and waiting sampler)
@@ -188,6 +205,12 @@ def tiny(config):
     # references: `--config.tiny_cache DIR` moves both models
     config.pretrained.model = config.get_ref("tiny_cache") + "/sd"
     config.eval.model = config.get_ref("tiny_cache") + "/clip"
+    config.eval.pickscore_model = config.get_ref("tiny_cache") + "/pickscore"
+    config.eval.pickscore_processor = config.get_ref("tiny_cache") + "/pickscore"
+    config.eval.hpsv2_architecture = config.get_ref("tiny_cache") + "/hpsv2/tiny-hps.json"
+    config.eval.hpsv2_checkpoint = config.get_ref("tiny_cache") + "/hpsv2/HPS_v2.1_compressed.pt"
+    config.eval.aesthetic_clip = config.get_ref("tiny_cache") + "/clip"
+    config.eval.aesthetic_model = config.get_ref("tiny_cache") + "/aesthetic/sac+logos+ava1-l14-linearMSE.pth"
     config.eval.inline = True
     config.mixed_precision = "no"
     config.threads = 1

@@ -24,7 +24,7 @@
             mask/00000_item0_t05.png  object 0's mask of sample 00000 (a reference, or a base when
                                       fusion.base_masks) at step 5 (0 = noisiest)
             eval/injected_map.json    {target index: [base index, reference index]} (sample indices)
-            eval/images_scores.json   CLIP scores of images/: {"count", "mean", "scores": [one per image]}
+            eval/images_scores.json   scores of images/: {"count", "mean", "scores": [one per image], "reward"}
             eval/injected_images_scores.json   the same for injected_images/
             eval/prompt_history.json  per prompt, the scores of images/ of every epoch up to k
         heldout/<prompt set>/         run_heldout.py on a prompt file (the set is the file's name without .json)
@@ -262,7 +262,7 @@ def image_name(index):
 
 
 class ImageSet:
-    """A set of an epoch's images (`images/` or `injected_images/`): PNGs, manifest, CLIP scores."""
+    """A set of an epoch's images (`images/` or `injected_images/`): PNGs, manifest, scores."""
 
     def __init__(self, epoch_root, name, prompts_name):
         self.name = name
@@ -287,7 +287,7 @@ class ImageSet:
         write_json(self.prompts_file, list(prompts))
 
     def read_scores(self):
-        """CLIP scores of images 0..n-1 (index order); [] before the first scored batch."""
+        """Scores of images 0..n-1 (index order); [] before the first scored batch."""
         if not os.path.exists(self.scores_file):
             return []
         data = read_json(self.scores_file, "scores file")
@@ -301,9 +301,18 @@ class ImageSet:
         if os.path.exists(self.scores_file):
             os.remove(self.scores_file)
 
-    def write_scores(self, scores):
+    def scored_by(self):
+        """The reward that made the saved scores (its label, e.g. "clip:1,pickscore:0.5"); None when
+        nothing is scored yet or the file predates the record."""
+        if not os.path.exists(self.scores_file):
+            return None
+        data = read_json(self.scores_file, "scores file")
+        return data.get("reward") if isinstance(data, dict) else None
+
+    def write_scores(self, scores, reward=None):
+        """`reward`: the label of the reward that made them, recorded in the file."""
         mean = sum(scores) / len(scores) if scores else None
-        write_json(self.scores_file, dict(count=len(scores), mean=mean, scores=list(scores)))
+        write_json(self.scores_file, dict(count=len(scores), mean=mean, scores=list(scores), reward=reward))
 
 
 class EpochDir:

@@ -18,13 +18,20 @@ from d_fusion.cli import config_file
 from d_fusion.datadir import ExperimentDir, read_image
 from d_fusion.errors import UserError
 from d_fusion.logs import log_cleared_scratch, setup_logging
-from d_fusion.scoring import check_reward, load_scorer_from_config
+from d_fusion.rewards import check_reward, load_scorer_from_config, parse_reward, reward_label
 
 log = logging.getLogger(__name__)
 
 
-def saved_scores(image_set, num_published):
-    """The set's saved scores; more scores than published images means they belong to other images."""
+def saved_scores(image_set, num_published, reward):
+    """The set's saved scores; more scores than published images means they belong to other images,
+    scores of another reward than `reward` (its label) to another experiment's settings."""
+    scored_by = image_set.scored_by()
+    if scored_by not in (None, reward):
+        raise UserError(
+            f"{image_set.scores_file} holds scores of the reward {scored_by!r}, but this run scores with {reward!r} "
+            "(config.eval.reward): run the sampler and run_eval.py with the experiment's reward, or use a new exp_name"
+        )
     scores = image_set.read_scores()
     if len(scores) > num_published:
         raise UserError(
@@ -34,12 +41,12 @@ def saved_scores(image_set, num_published):
     return scores
 
 
-def published_and_scored(image_set):
+def published_and_scored(image_set, reward):
     """(the listed prompts, their saved scores), as the main process reads them: every process of a
     run must agree on what is left to score even while run_eval.py writes the same files."""
     def read():
         prompts = image_set.published_prompts()
-        return prompts, saved_scores(image_set, len(prompts))
+        return prompts, saved_scores(image_set, len(prompts), reward)
 
     return distributed.from_main(read)
 
@@ -61,13 +68,13 @@ def prompt_history(experiment, epoch, scores):
     return history
 
 
-def save_scores(experiment, epoch, image_set, scores):
+def save_scores(experiment, epoch, image_set, scores, reward):
     epoch_dir = experiment.epoch(epoch)
     # the history first: the scores file is what marks a batch done, so a crash in between
     # only makes the scorer redo that batch and rewrite both
     if image_set.name == epoch_dir.sampled.name:
         epoch_dir.write_prompt_history(prompt_history(experiment, epoch, scores))
-    image_set.write_scores(scores)
+    image_set.write_scores(scores, reward)
 
 
 def score_batch(scorer, image_set, prompts, start, batch_size):
@@ -86,7 +93,7 @@ def score_new(scorer, experiment, epoch, image_set, batch_size, batch_delay=0.0)
     is scored again, whole, when more of it is listed. In a run of K processes, process r scores
     chunk r of each round of K chunks; the main process saves the round's scores.
     """
-    prompts, scores = published_and_scored(image_set)
+    prompts, scores = published_and_scored(image_set, scorer.name)
     first = len(scores)
     if first == len(prompts):
         return 0
@@ -94,9 +101,11 @@ def score_new(scorer, experiment, epoch, image_set, batch_size, batch_delay=0.0)
         batch_scores = score_batch(scorer, image_set, prompts, start, batch_size) if start is not None else []
         # index order: the scores before the round, then the round's chunks
         scores = scores[: round_starts[0]] + [s for part in distributed.gather(batch_scores) for s in part]
-        distributed.on_main(save_scores, experiment, epoch, image_set, scores)
+        distributed.on_main(save_scores, experiment, epoch, image_set, scores, scorer.name)
         done = len(scores)
-        log.info("epoch %d %s: scored %d-%d (%d listed)", epoch, image_set.name, round_starts[0], done - 1, len(prompts))
+        log.info(
+            "epoch %d %s: scored %d-%d (%d listed)", epoch, image_set.name, round_starts[0], done - 1, len(prompts)
+        )
         time.sleep(batch_delay)
     return len(prompts) - first
 
@@ -163,6 +172,7 @@ class ScoreCollector:
     def __init__(self, config, experiment):
         self.config = config
         self.experiment = experiment
+        self.reward = reward_label(parse_reward(config.eval.reward))  # what the scores files must record
         self._scorer = None
 
     def scorer(self):
@@ -177,7 +187,7 @@ class ScoreCollector:
         main process waits for run_eval.py, and sends the scores to the others.
         """
         ev = self.config.eval
-        prompts, scores = published_and_scored(image_set)
+        prompts, scores = published_and_scored(image_set, self.reward)
         count = len(prompts)
         if ev.inline and len(scores) < count:
             score_new(self.scorer(), self.experiment, epoch, image_set, ev.batch_size, ev.debug_batch_delay)
@@ -186,15 +196,17 @@ class ScoreCollector:
     def wait(self, epoch, image_set, count):
         """Poll the scores file until it holds `count` scores, saying once how to start a scorer if none comes."""
         ev = self.config.eval
-        scores = saved_scores(image_set, count)
+        scores = saved_scores(image_set, count, self.reward)
         if len(scores) == count:
             return scores
-        log.info("epoch %d: waiting for run_eval.py to score %s (%d of %d scored)", epoch, image_set.name, len(scores), count)
+        log.info(
+            "epoch %d: waiting for run_eval.py to score %s (%d of %d scored)", epoch, image_set.name, len(scores), count
+        )
         last_progress, warned = time.monotonic(), False
         with tqdm(total=count, initial=len(scores), desc=f"epoch {epoch} {image_set.name} scored", unit="image") as bar:
             while len(scores) < count:
                 time.sleep(ev.poll_interval)
-                new_scores = saved_scores(image_set, count)
+                new_scores = saved_scores(image_set, count, self.reward)
                 if len(new_scores) > len(scores):
                     bar.update(len(new_scores) - len(scores))
                     last_progress = time.monotonic()

@@ -21,7 +21,7 @@ from d_fusion.logs import setup_logging
 from d_fusion.models import load_models_from_config
 from d_fusion.prompts import epoch_samples, read_prompt_file, warn_long_prompts
 from d_fusion.sampling import decode_images, encode_prompts, sample_generators, sample_trajectories
-from d_fusion.scoring import check_reward, load_scorer_from_config, reward_settings
+from d_fusion.rewards import check_reward, load_scorer_from_config, reward_settings
 from d_fusion.training import add_lora
 
 log = logging.getLogger(__name__)
