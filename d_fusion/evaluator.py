@@ -19,6 +19,7 @@ from d_fusion.datadir import ExperimentDir, read_image
 from d_fusion.errors import UserError
 from d_fusion.logs import log_cleared_scratch, setup_logging
 from d_fusion.rewards import check_reward, load_scorer_from_config, parse_reward, reward_label
+from d_fusion.settings import compare_scoring
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ def run_scorer(config):
     with experiment.hold("scorer"):
         setup_logging(experiment.eval_log_file)
         log_cleared_scratch(experiment.clear_scorer_scratch(), "scorer")
+        compare_scoring(config, experiment)
         watch(config, experiment)
 
 
