@@ -181,6 +181,12 @@ def project_config(config):
     # "" evaluates the base model only; a checkpoint folder (checkpoints/checkpoint_<k>) adds it; a folder
     # of checkpoints adds each of them. Results already on disk with the same settings are reused.
     heldout.checkpoint = ""
+    # the rewards every held-out image is scored with, comma-separated names ("clip,pickscore,hpsv2");
+    # "" scores with the training reward (eval.reward, a weighted sum too). Each needs its model (eval.*)
+    heldout.rewards = ""
+    # also report each model's diversity: per prompt, the mean pairwise 1 - cosine of its images' CLIP image
+    # embeddings (the clip reward's eval.model), averaged over prompts; needs images_per_prompt >= 2
+    heldout.diversity = True
     config.report = report = ml_collections.ConfigDict()
     report.each_epoch = False  # the sampler also updates data/<exp_name>/report/ after every epoch
     report.watch = False  # run_report.py keeps updating the report until the sampler has finished
@@ -258,6 +264,7 @@ def shapes(config):
     config.heldout.prompt_file = "config/prompt/shapes_test.json"
     config.heldout.images_per_prompt = 4
     config.heldout.batch_size = 16
+    config.heldout.diversity = False  # no CLIP model offline (eval.model is ViT-H-14, a download)
     config.report.each_epoch = True  # data/<exp_name>/report/index.html after every epoch
     config.report.thumbnail = 96
     return config
