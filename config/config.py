@@ -113,7 +113,15 @@ def project_config(config):
     config.threads = 0  # torch CPU threads; 0 leaves torch's default
 
     # --- training (issue 4, SPEC section 7) ---
-    config.train.algorithm = "dpo"  # "dpo": trajectory DPO on (target, base) pairs; "ddpo": PPO-clip on scores
+    # "dpo": trajectory DPO on (target, base) pairs; "ddpo": PPO-clip on scores; "dpok": DDPO's PPO-clip
+    # plus train.kl_weight x the closed-form KL of each step to the pretrained model (SPEC section 8)
+    config.train.algorithm = "dpo"
+    config.train.kl_weight = 0.01  # dpok: the weight of the KL penalty
+    # ddpo/dpok advantages: 0 standardises each prompt's scores within the epoch; N > 0 uses ddpo-pytorch's
+    # per-prompt stat tracking: the mean and std of the prompt's last N scores across epochs (this epoch's
+    # included), or of the whole epoch's scores while the prompt has fewer than stat_min_count of them
+    config.train.stat_buffer = 0
+    config.train.stat_min_count = 16
     # what DPO prefers over each base: "target" (D-Fusion's visually consistent pair) or "reference"
     # (the paper's baseline: the ordinary well-aligned sample, visually inconsistent with the base)
     config.train.preferred = "target"

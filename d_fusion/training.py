@@ -1,10 +1,10 @@
-"""Training (SPEC section 7): trajectory DPO on (target, base) pairs, or DDPO, with LoRA on the UNet.
+"""Training (SPEC sections 7, 8): trajectory DPO on (target, base) pairs, DDPO, or DPOK, with LoRA on the UNet.
 
 The policy is the UNet with LoRA adapters; the reference policy is the same UNet with the adapters
 disabled (no second copy). Both run plain attention with CFG when `train.cfg`. The log-probability
 of a stored transition x_t -> x_{t'} is SPEC section 3's, evaluated at the stored x_{t'}.
 
-Optimisation: each pair (DPO) or sample (DDPO) contributes a random subset of its steps;
+Optimisation: each pair (DPO) or sample (DDPO, DPOK) contributes a random subset of its steps;
 `train.batch_size * train.gradient_accumulation_steps` of them, one after another, make one
 optimizer step (the loss is the mean over their timesteps). `num_inner_epochs` reshuffled passes.
 
@@ -28,14 +28,14 @@ from peft import LoraConfig
 
 from d_fusion import distributed
 from d_fusion.checkpoints import find_checkpoint, resume, save_epoch_checkpoint
-from d_fusion.ddim import ddim_step_with_logprob, step_std
+from d_fusion.ddim import ddim_step_mean, ddim_step_with_logprob, step_std
 from d_fusion.errors import UserError
 from d_fusion.sampling import Trajectories, encode_prompts, guided_noise
 
 log = logging.getLogger(__name__)
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-ALGORITHMS = ("dpo", "ddpo")
+ALGORITHMS = ("dpo", "ddpo", "dpok")
 PREFERRED = ("target", "reference")  # train.preferred: what DPO prefers over the base
 
 
@@ -89,6 +89,12 @@ class Policy:
         )
         _, log_prob, _ = ddim_step_with_logprob(self.models.scheduler, noise_pred, t, x_t, self.eta, prev_sample=x_next)
         return log_prob, noise_pred
+
+    def step_mean(self, noise_pred, latents, timesteps, step):
+        """SPEC section 3's mean (B, C, H, W) and std (B, 1, 1, 1) of the step from x_t, given the noise prediction."""
+        x_t, t = latents[:, step].to(self.models.device), timesteps[step].to(self.models.device)
+        mean, std, _ = ddim_step_mean(self.models.scheduler, noise_pred, t, x_t, self.eta)
+        return mean, std
 
     def reference_transition(self, latents, timesteps, step, prompt_embeds):
         with torch.no_grad(), reference_policy(self.models.unet):
@@ -150,14 +156,42 @@ def ppo_loss(log_prob, old_log_prob, advantages, eps):
     return loss, stats
 
 
-def per_prompt_advantages(scores, prompts, clip):
-    """(s - mean_p) / (std_p + 1e-6) over each prompt's scores, clipped to +-clip: (N,)."""
+def gaussian_kl(mean, ref_mean, std):
+    """KL(N(mean, std^2) || N(ref_mean, std^2)) averaged over the latent dims: mean((mean - ref_mean)^2 / (2 std^2)).
+
+    mean, ref_mean: (B, C, H, W); std: (B, 1, 1, 1), > 0. Returns (B,).
+    """
+    return ((mean - ref_mean) ** 2 / (2 * std**2)).mean(dim=tuple(range(1, mean.ndim)))
+
+
+def dpok_loss(log_prob, old_log_prob, advantages, mean, ref_mean, std, eps, kl_weight):
+    """SPEC 8 (DPOK, Fan et al. 2023): DDPO's PPO-clip term plus kl_weight x the step's KL to the pretrained model.
+
+    mean, ref_mean: the step's mean under the policy and the reference (B, C, H, W); std: (B, 1, 1, 1).
+    Returns (loss (B,), stats).
+    """
+    loss, stats = ppo_loss(log_prob, old_log_prob, advantages, eps)
+    kl = gaussian_kl(mean, ref_mean, std)
+    return loss + kl_weight * kl, stats | dict(kl=kl)
+
+
+def per_prompt_advantages(scores, prompts, clip, history=None, buffer_size=0, min_count=0):
+    """(s - mean_p) / (std_p + 1e-6) per prompt, clipped to +-clip: (N,).
+
+    Without `buffer_size` the statistics are those of the prompt's scores in `scores` (this epoch's).
+    With it, ddpo-pytorch's per-prompt stat tracking: those of the prompt's last `buffer_size` scores
+    (`history[prompt]`: its scores of earlier epochs, oldest first, then this epoch's), or of all of
+    `scores` (batch-wide) while that buffer holds fewer than `min_count`.
+    """
     scores = torch.as_tensor(scores, dtype=torch.float32)
     advantages = torch.empty_like(scores)
-    for prompt in set(prompts):
+    for prompt in dict.fromkeys(prompts):
         rows = torch.tensor([i for i, p in enumerate(prompts) if p == prompt])
         group = scores[rows]
-        advantages[rows] = (group - group.mean()) / (group.std(unbiased=False) + 1e-6)
+        if buffer_size:
+            buffer = torch.tensor((list((history or {}).get(prompt, [])) + group.tolist())[-buffer_size:])
+            group = buffer if len(buffer) >= min_count else scores
+        advantages[rows] = (scores[rows] - group.mean()) / (group.std(unbiased=False) + 1e-6)
     return advantages.clamp(-clip, clip)
 
 
@@ -233,6 +267,11 @@ def check_train_config(config):
         raise UserError(f"config.train.preferred = {train.preferred!r}; use one of {', '.join(PREFERRED)}")
     if config.sample.eta <= 0:
         raise UserError("config.sample.eta must be > 0 to train: with eta = 0 DDIM steps have no log-probability")
+    if train.stat_buffer and train.stat_min_count > train.stat_buffer:
+        raise UserError(
+            f"config.train.stat_min_count = {train.stat_min_count} exceeds config.train.stat_buffer = "
+            f"{train.stat_buffer}: the per-prompt buffer would never be used"
+        )
     if not 0 < train.eps < 1:
         raise UserError(f"config.train.eps = {train.eps}: the ratio clip must lie in (0, 1)")
     if int(config.sample.num_steps * train.timestep_fraction) < 1:
@@ -369,16 +408,25 @@ class Trainer:
         return self.optimize(len(pairs), timestep_loss, epoch)
 
     def train_samples(self, samples, epoch):
-        """DDPO (PPO-clip) on the epoch's scored samples; returns the epoch's training metrics."""
+        """DDPO (PPO-clip), or DPOK (PPO-clip and the KL to the reference), on the epoch's scored samples;
+        returns the epoch's training metrics."""
+        train, policy = self.config.train, self.policy
         trajectories = samples.trajectories
-        self.check_steps(trajectories.timesteps)
+        timesteps = trajectories.timesteps
+        self.check_steps(timesteps)
 
         def timestep_loss(i, step):
             embeds = samples.prompt_embeds[i : i + 1].to(self.models.device)
-            log_prob, _ = self.policy.transition(trajectories.latents[i : i + 1], trajectories.timesteps, step, embeds)
+            latents = trajectories.latents[i : i + 1]
+            log_prob, noise = policy.transition(latents, timesteps, step, embeds)
             old_log_prob = trajectories.log_probs[i : i + 1, step].to(log_prob.device)
             advantage = samples.advantages[i : i + 1].to(log_prob.device)
-            return ppo_loss(log_prob, old_log_prob, advantage, self.config.train.eps)
+            if train.algorithm == "ddpo":
+                return ppo_loss(log_prob, old_log_prob, advantage, train.eps)
+            _, ref_noise = policy.reference_transition(latents, timesteps, step, embeds)
+            mean, std = policy.step_mean(noise, latents, timesteps, step)
+            ref_mean, _ = policy.step_mean(ref_noise, latents, timesteps, step)
+            return dpok_loss(log_prob, old_log_prob, advantage, mean, ref_mean, std, train.eps, train.kl_weight)
 
         return self.optimize(len(samples), timestep_loss, epoch)
 
@@ -432,10 +480,37 @@ def load_pairs(models, epoch_dir, preferred="target"):
     )
 
 
-def load_scored_samples(trainer, epoch_dir):
+def scored_prompts(epoch_dir):
+    """(prompts, scores) of the epoch's samples, then its targets: DDPO's and DPOK's training samples."""
+    sample_prompts, target_prompts = epoch_dir.sampled.published_prompts(), epoch_dir.injected.published_prompts()
+    scores = complete_scores(epoch_dir.sampled, len(sample_prompts)) + complete_scores(
+        epoch_dir.injected, len(target_prompts)
+    )
+    return sample_prompts + target_prompts, scores
+
+
+def score_history(experiment, epoch):
+    """{prompt: its training samples' scores in the epochs before `epoch`, oldest first}: the per-prompt
+    stat tracker's buffers, read back from the experiment (nothing to checkpoint)."""
+    history = {}
+    for k in experiment.epochs():
+        if k < epoch:
+            for prompt, score in zip(*scored_prompts(experiment.epoch(k))):
+                history.setdefault(prompt, []).append(score)
+    return history
+
+
+def advantages_of(config, experiment, epoch, prompts, scores):
+    """Per-prompt advantages (N,): this epoch's statistics, or with `train.stat_buffer` the tracked ones."""
+    train = config.train
+    history = score_history(experiment, epoch) if train.stat_buffer else None
+    return per_prompt_advantages(scores, prompts, train.adv_clip_max, history, train.stat_buffer, train.stat_min_count)
+
+
+def load_scored_samples(trainer, experiment, epoch):
     """The epoch's samples and targets with advantages; the targets' old log-probs recomputed without fusion,
     in batches of `sample.batch_size` and under the training's autocast (so that ratios start at 1)."""
-    policy, config = trainer.policy, trainer.config
+    policy, config, epoch_dir = trainer.policy, trainer.config, experiment.epoch(epoch)
     sample_prompts, target_prompts = epoch_dir.sampled.published_prompts(), epoch_dir.injected.published_prompts()
     samples = stack_trajectories(epoch_dir.load_trajectory, range(len(sample_prompts)))
     targets = stack_trajectories(epoch_dir.load_injected_trajectory, range(len(target_prompts)))
@@ -446,14 +521,11 @@ def load_scored_samples(trainer, epoch_dir):
     with trainer.accelerator.autocast():
         share = [policy.trajectory_log_probs(targets[batch], target_embeds[batch]) for batch in batches]
     targets.log_probs = torch.cat([log_probs for part in distributed.gather(share) for log_probs in part])
-    prompts = sample_prompts + target_prompts
-    scores = complete_scores(epoch_dir.sampled, len(sample_prompts)) + complete_scores(
-        epoch_dir.injected, len(target_prompts)
-    )
+    prompts, scores = scored_prompts(epoch_dir)
     return ScoredSamples(
         Trajectories.cat([samples, targets]),
         torch.cat([embed_prompts(policy.models, sample_prompts), target_embeds]),
-        per_prompt_advantages(scores, prompts, config.train.adv_clip_max),
+        advantages_of(config, experiment, epoch, prompts, scores),
     )
 
 
@@ -484,13 +556,13 @@ class TrainingStage:
         self.tensorboard = tensorboard_writer(config, experiment) if distributed.is_main() else None
 
     def train_epoch(self, epoch):
-        """Train on the epoch's pairs (DPO) or scored samples (DDPO), record the metrics, checkpoint."""
+        """Train on the epoch's pairs (DPO) or scored samples (DDPO, DPOK), record the metrics, checkpoint."""
         epoch_dir, trainer = self.experiment.epoch(epoch), self.trainer
         if self.config.train.algorithm == "dpo":
             pairs = load_pairs(trainer.models, epoch_dir, self.config.train.preferred)
             metrics = trainer.train_pairs(pairs, epoch)
         else:
-            samples = load_scored_samples(trainer, epoch_dir)
+            samples = load_scored_samples(trainer, self.experiment, epoch)
             metrics = trainer.train_samples(samples, epoch)
         metrics = dict(epoch=epoch, **metrics)
         metrics.update(sample_score=mean_score(epoch_dir.sampled), target_score=mean_score(epoch_dir.injected))

@@ -92,7 +92,7 @@ def test_two_epochs_write_everything_and_epoch_1_samples_from_the_trained_unet(c
     config.resume_from = experiment.checkpoint(0).root  # the policy that sampled epoch 1
     config.train.gradient_accumulation_steps = NUM_SAMPLES + NUM_TARGETS  # one optimizer step, after every loss
     stage = TrainingStage(config, load_models(config.pretrained.model, mixed_precision="no"), experiment)
-    scored = load_scored_samples(stage.trainer, experiment.epoch(1))
+    scored = load_scored_samples(stage.trainer, experiment, 1)
     assert len(scored) == NUM_SAMPLES + NUM_TARGETS and scored.advantages.mean().abs() < 1e-5
     fused = torch.stack([experiment.epoch(1).load_injected_trajectory(t)["log_probs"] for t in range(NUM_TARGETS)])
     assert (scored.trajectories.log_probs[NUM_SAMPLES:] - fused).abs().max() > 1e-3

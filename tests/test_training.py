@@ -1,4 +1,5 @@
-"""Training (SPEC section 7): the DPO/PPO objectives, LoRA policy vs reference, log-prob recomputation."""
+"""Training (SPEC sections 7, 8): the DPO/PPO/DPOK objectives, LoRA policy vs reference, log-prob recomputation,
+per-prompt advantages."""
 
 import math
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
+from d_fusion.datadir import ExperimentDir
 from d_fusion.errors import UserError
 from d_fusion.sampling import encode_prompts, guided_noise, sample_generators, sample_trajectories
 from d_fusion.training import (
@@ -15,9 +17,12 @@ from d_fusion.training import (
     add_lora,
     check_training_inputs,
     dpo_loss,
+    dpok_loss,
+    gaussian_kl,
     per_prompt_advantages,
     ppo_loss,
     reference_policy,
+    score_history,
     train_timesteps,
 )
 
@@ -74,6 +79,79 @@ def test_ppo_loss_and_advantages():
     # ratio e^0.5 > 1.2 with A > 0: clipped; ratio 1: unclipped; ratio e^-0.5 < 0.8 with A < 0: clipped
     assert loss.tolist() == pytest.approx([-1.2, 1.0, 0.8])
     assert stats["clipped"].tolist() == [1.0, 0.0, 1.0]
+
+
+def test_stat_tracking_uses_each_prompts_last_scores_across_epochs_or_the_batch():
+    scores, prompts = [4.0, 5.0, 0.0, 10.0], ["a", "a", "b", "b"]
+    history = {"a": [1.0, 2.0, 3.0], "c": [7.0]}
+    advantages = per_prompt_advantages(scores, prompts, 10.0, history, buffer_size=4, min_count=3)
+
+    def standardised(values, of):
+        of = torch.tensor(of)
+        return ((torch.tensor(values) - of.mean()) / (of.std(unbiased=False) + 1e-6)).tolist()
+
+    # "a": its last 4 scores, 2 of them from earlier epochs; "b": 2 < min_count 3, so the whole batch's
+    assert advantages[:2].tolist() == pytest.approx(standardised([4.0, 5.0], [2.0, 3.0, 4.0, 5.0]))
+    assert advantages[2:].tolist() == pytest.approx(standardised([0.0, 10.0], scores))
+    # without a buffer: this epoch's per-prompt statistics, whatever the history
+    assert per_prompt_advantages(scores, prompts, 10.0, history).tolist() == pytest.approx([-1, 1, -1, 1], abs=1e-5)
+    assert per_prompt_advantages(scores, prompts, 0.5, history, 4, 3).abs().max() == 0.5  # then clipped
+
+
+def test_score_history_is_read_back_from_the_epochs_samples_then_targets(tmp_path):
+    experiment = ExperimentDir(str(tmp_path), "x")
+    for k, (sampled, injected) in enumerate([([1.0, 2.0], [3.0]), ([4.0, 5.0], [6.0]), ([9.0, 9.0], [9.0])]):
+        epoch_dir = experiment.epoch(k)
+        epoch_dir.sampled.publish(["a", "b"])
+        epoch_dir.sampled.write_scores(sampled)
+        epoch_dir.injected.publish(["b"])
+        epoch_dir.injected.write_scores(injected)
+    assert score_history(experiment, 2) == {"a": [1.0, 4.0], "b": [2.0, 3.0, 5.0, 6.0]}
+
+
+def test_dpok_kl_is_the_gaussian_kl_and_the_loss_adds_it_to_ppo():
+    generator = torch.Generator().manual_seed(0)
+    mean, ref_mean = torch.randn(3, 4, 2, 2, generator=generator), torch.randn(3, 4, 2, 2, generator=generator)
+    std = torch.tensor([0.5, 1.0, 2.0]).view(3, 1, 1, 1)
+    direct = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mean, std.expand_as(mean)), torch.distributions.Normal(ref_mean, std.expand_as(mean))
+    )  # (3, 4, 2, 2), per latent dim
+    torch.testing.assert_close(gaussian_kl(mean, ref_mean, std), direct.mean(dim=(1, 2, 3)))
+    log_prob, old, advantages = torch.tensor([0.5, 0.0, -0.5]), torch.zeros(3), torch.tensor([1.0, -1.0, -1.0])
+    loss, stats = dpok_loss(log_prob, old, advantages, mean, ref_mean, std, eps=0.2, kl_weight=0.3)
+    ppo, _ = ppo_loss(log_prob, old, advantages, eps=0.2)
+    torch.testing.assert_close(loss, ppo + 0.3 * direct.mean(dim=(1, 2, 3)))
+    assert torch.equal(stats["kl"], gaussian_kl(mean, ref_mean, std))
+
+
+def dpok_trainer(models, config, learning_rate=1e-3):
+    config = small(config)
+    config.train.algorithm, config.train.kl_weight = "dpok", 1.0
+    config.train.learning_rate, config.train.eps = learning_rate, 0.5
+    return Trainer(config, models)
+
+
+def test_dpok_at_initialisation_kl_is_0_and_every_ratio_is_1(fresh_tiny_sd, tiny_config):
+    trajectories, embeds = sample(fresh_tiny_sd, "a cat playing chess", [0, 1])
+    tiny_config.train.gradient_accumulation_steps = 2  # one optimizer step, after every timestep's loss
+    trainer = dpok_trainer(fresh_tiny_sd, tiny_config)
+    # logp_old as training recomputes it (one trajectory at a time), so that the ratio is exactly 1
+    policy = trainer.policy
+    one_by_one = [policy.trajectory_log_probs(trajectories[i : i + 1], embeds[:1]) for i in range(2)]
+    trajectories.log_probs = torch.cat(one_by_one)
+    advantages = torch.tensor([1.0, -0.5])
+    metrics = trainer.train_samples(ScoredSamples(trajectories, embeds, advantages), epoch=0)
+    assert metrics["kl"] == 0 and metrics["abs_log_ratio"] == 0 and metrics["clipped"] == 0
+    assert metrics["loss"] == pytest.approx(-advantages.mean().item(), abs=1e-7)  # -A x ratio 1, KL 0
+
+
+def test_one_dpok_step_raises_the_log_prob_of_a_positive_advantage(fresh_tiny_sd, tiny_config):
+    trajectories, embeds = sample(fresh_tiny_sd, "a cat playing chess", [0])
+    trainer = dpok_trainer(fresh_tiny_sd, tiny_config)
+    before = trainer.policy.trajectory_log_probs(trajectories, embeds)
+    trainer.train_samples(ScoredSamples(trajectories, embeds, torch.tensor([1.0])), epoch=0)
+    assert (trainer.policy.trajectory_log_probs(trajectories, embeds) - before).mean() > 0
+    assert log_ratios(trainer, trajectories, embeds).abs().max() > 0  # away from the reference: the KL is > 0 now
 
 
 def test_train_timesteps_are_a_random_subset():
@@ -145,6 +223,11 @@ def test_bad_training_config_is_a_user_error(fresh_tiny_sd, tiny_config):
     with pytest.raises(UserError, match="eta"):
         Trainer(tiny_config, fresh_tiny_sd)
     tiny_config.sample.eta = 1.0
+    tiny_config.train.algorithm, tiny_config.train.stat_buffer, tiny_config.train.stat_min_count = "dpok", 8, 16
+    with pytest.raises(UserError, match="stat_min_count = 16 exceeds config.train.stat_buffer = 8"):
+        check_training_inputs(tiny_config)
+    tiny_config.train.stat_buffer = 0  # off: stat_min_count is not read
+    check_training_inputs(tiny_config)
     tiny_config.train.save_interval = 0
     with pytest.raises(UserError, match="save_interval"):
         check_training_inputs(tiny_config)
