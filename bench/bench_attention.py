@@ -52,7 +52,7 @@ def main():
         unet.set_attn_processor({name: Either(processor) for name, processor in ours.items()})
         runs = {
             "sdpa (plain)": forward,
-            "record (K/V + mask probs)": lambda: forward(fusion=Record(fused_blocks, probs=True, cfg=True)),
+            "record (K/V + mask probs)": lambda: forward(fusion=Record(fused_blocks, keep_masks=True, cfg=True)),
             "explicit probs everywhere": lambda: forward(explicit=True),
         }
         times = alternate(runs, args.repeats, args.device)

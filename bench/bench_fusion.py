@@ -18,10 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.common import alternate, build_models, parse_args  # noqa: E402
-from d_fusion.fusion import FusionSettings, fused_sampling  # noqa: E402
+from d_fusion.fusion import FusionBatch, FusionSettings, fused_sampling  # noqa: E402
 from d_fusion.injection import parse_injection  # noqa: E402
 from d_fusion.masks import PromptObjects, item_selection  # noqa: E402
-from d_fusion.sampling import encode_prompts, sample_generators  # noqa: E402
+from d_fusion.sampling import SamplerSettings, encode_prompts, sample_generators  # noqa: E402
 
 PROMPT = "a dog driving a car"
 OBJECTS = {PROMPT: PromptObjects((1, 4), (0.03, 0.01))}  # the release's item and mask files
@@ -44,19 +44,16 @@ def main():
         """Targets of every base; reference_indices[g] guides the targets 2g and 2g + 1 (or g when repeated)."""
         rows = len(reference_indices)
         guide = torch.arange(args.targets) // (args.targets // rows)
-        settings = FusionSettings(injection, args.steps, 1.0, 5.0, True, base_pass=base_pass)
-        return fused_sampling(
-            models.unet,
-            models.scheduler,
+        settings = FusionSettings(injection, SamplerSettings(args.steps, 1.0, 5.0), base_pass=base_pass)
+        batch = FusionBatch(
             embeds.expand(rows, -1, -1),
-            negative,
             sample_generators(0, 0, num_samples, reference_indices),
             sample_generators(0, 0, num_samples, base_indices),
             guide,
             weights.expand(rows, -1, -1),
             thresholds.expand(rows, -1),
-            settings,
         )
+        return fused_sampling(models.unet, models.scheduler, batch, negative, settings)
 
     distinct = list(range(references))
     ours = lambda: sample(distinct, base_pass=False)  # noqa: E731

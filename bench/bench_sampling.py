@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import alternate, build_models, parse_args  # noqa: E402
-from d_fusion.sampling import encode_prompts, sample_generators, sample_trajectories  # noqa: E402
+from d_fusion.sampling import SamplerSettings, encode_prompts, sample_generators, sample_trajectories  # noqa: E402
 
 PROMPT = "a cat playing chess"
 
@@ -30,9 +30,7 @@ def main():
             encode_prompts(models, [PROMPT] * args.batch),
             encode_prompts(models, [""] * args.batch),
             sample_generators(42, 0, args.batch, indices),
-            args.steps,
-            eta=1.0,
-            guidance_scale=5.0,
+            SamplerSettings(args.steps, eta=1.0, guidance_scale=5.0),
             progress=False,
         )
 

@@ -20,7 +20,8 @@ import torch  # noqa: E402
 from bench.common import alternate, build_models, parse_args  # noqa: E402
 from config.config import get_config  # noqa: E402
 from d_fusion.sampling import Trajectories, encode_prompts  # noqa: E402
-from d_fusion.training import PreferencePairs, Trainer  # noqa: E402
+from d_fusion.stages import make_trainer  # noqa: E402
+from d_fusion.trainer import PreferencePairs  # noqa: E402
 
 PROMPT = "a cat playing chess"
 MIXED_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
@@ -54,7 +55,7 @@ def main():
     config.train.lora_rank = args.rank
     config.train.num_inner_epochs = 1
     config.train.timestep_fraction = 1 / args.steps  # one timestep of one pair: one optimizer step
-    trainer = Trainer(config, models)
+    trainer = make_trainer(config, models)
     pairs = random_pairs(models, args.steps)
 
     def step(checkpointing):

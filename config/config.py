@@ -1,10 +1,24 @@
-"""Configuration of a D-Fusion run (SPEC section 2: the release's `get_config()`).
+"""Configuration of a D-Fusion run: the release's `get_config()` fields and defaults, then this
+project's additions (docs/METHOD.md §2).
 
-Every field is overridable on the command line as `--config.a.b value`. Variants:
-- `--config config/config.py:shapes`: the offline demo that shows the method working: the trained
-  toy model shipped at assets/shapes/ and the exact shapes reward, on the CPU in a few minutes;
-- `--config config/config.py:tiny`: the fast test setting: a tiny random-weight Stable Diffusion
-  and a tiny CLIP scorer, built on first use into `tiny_cache`.
+Every field is overridable on the command line as `--config.a.b value`. How the sizes multiply
+(one process; with `accelerate launch` of K processes, train.batch_size is per process):
+
+    samples per prompt  n = sample.batch_size * sample.num_batches_per_epoch   (a multiple of 4)
+    samples per epoch   N = prompts * n
+    references / bases per prompt = n / 4 (each guides two targets) / n / 2
+    targets (= DPO pairs) per epoch = N / 2
+    fused batches per epoch = ceil((N / 2) / fusion.batch_size), fusion.batch_size rounded down to even
+    pairs per optimizer step = train.batch_size * train.gradient_accumulation_steps
+    optimizer steps per epoch = train.num_inner_epochs * ceil((N / 2) / pairs per step)
+    timesteps per pair (or sample) = floor(sample.num_steps * train.timestep_fraction), of the steps with std > 0
+
+Variants (`--config config/config.py:<name>`):
+- `release_full`: the release README's "full version" run on SD 2.1 base (40 prompts x 16 samples);
+- `shapes`: the offline demo that shows the method working: the trained toy model shipped at
+  assets/shapes/ and the exact shapes reward, on the CPU in a few minutes;
+- `tiny`: the fast test setting: a tiny random-weight Stable Diffusion and a tiny CLIP scorer,
+  built on first use into `tiny_cache`.
 """
 
 import ml_collections
@@ -41,65 +55,67 @@ RERUN_MAY_CHANGE = (
 
 
 def release_config():
+    """The release's `get_config()`: its fields and defaults."""
     config = ml_collections.ConfigDict()
 
-    config.seed = 42
-    config.mixed_precision = "fp16"  # "fp16", "bf16" or "no"; CPU runs always use fp32
-    config.allow_tf32 = True
-    config.use_lora = True
-    config.save_path = "./data"
-    config.exp_name = ""
-    config.dev_id = 0
-    # prompts: one prompt, or a JSON list of prompts in `prompt_file`
-    config.prompt = "a cat playing chess"
-    config.prompt_file = ""
-    # objects of each prompt and their mask thresholds (SPEC section 6)
-    config.mask_thr = 0.05
-    config.mask_thr_file = ""
-    config.item_idx = [1, 3]
-    config.item_idx_file = ""
-    # which attention components, steps and blocks fuse: self Q, K, V, cross Q, K, V, as in the
-    # release (SPEC section 6): the self Q flag, with its own inject_t/inject_l, is the fusion switch
-    # (the target keeps its own query); where it is on, the self K and V flags (with theirs) say
-    # which of K and V come from the reference; the three cross flags are parsed and checked only
-    config.inject_component = "T,T,T,T,T,F"
-    config.inject_t = "0-18,0-18,0-18,0-18,0-18,"
-    config.inject_l = "3-6,3-6,3-6,3-6,3-6,"
+    config.seed = 42  # sample j of epoch k draws all its noise from a generator seeded seed + k * N + j
+    config.mixed_precision = "fp16"  # frozen weights and autocast: "fp16", "bf16" or "no"; CPU runs use fp32
+    config.allow_tf32 = True  # TF32 matmuls and convolutions on Ampere and later GPUs
+    config.use_lora = True  # train LoRA adapters each epoch; False: sample, score and fuse only
+    config.save_path = "./data"  # experiments live in save_path/exp_name/
+    config.exp_name = ""  # the experiment's folder name; empty: a timestamp (run_sample.py)
+    config.dev_id = 0  # CUDA device index of a one-process run (the CPU without CUDA)
+    # prompts: one prompt, or a JSON list of prompts in `prompt_file` (METHOD.md §1)
+    config.prompt = "a cat playing chess"  # the prompt when prompt_file is empty
+    config.prompt_file = ""  # a JSON list of prompts, sampled in file order; replaces `prompt`
+    # objects of each prompt and their mask thresholds (METHOD.md §6.2)
+    config.mask_thr = 0.05  # object mask = cross-attention map >= this; a number, or one per object
+    config.mask_thr_file = ""  # JSON {prompt: threshold or [one per object]}; replaces mask_thr
+    config.item_idx = [1, 3]  # the objects: 0-based word positions in the prompt (token = word + 1)
+    config.item_idx_file = ""  # JSON {prompt: [word position, ...]}; replaces item_idx
+    # which attention components, steps and blocks fuse (METHOD.md §6.4), one entry per component:
+    # self-attention Q, K, V, then cross-attention Q, K, V. Self Q, with its own inject_t/inject_l,
+    # is the fusion switch (the target keeps its own query); where it is on, the self K and V flags
+    # (with theirs) say which of K and V come from the reference; the cross flags do nothing
+    config.inject_component = "T,T,T,T,T,F"  # six T/F flags
+    config.inject_t = "0-18,0-18,0-18,0-18,0-18,"  # steps lo <= num_steps-1-i < hi (i = 0 noisiest): 2..19 of 20
+    config.inject_l = "3-6,3-6,3-6,3-6,3-6,"  # blocks lo..hi, inclusive (SD 2.1: 3 = mid, 4-6 = up blocks)
 
     config.pretrained = pretrained = ml_collections.ConfigDict()
-    pretrained.model = "stabilityai/stable-diffusion-2-1-base"
-    pretrained.revision = "main"
+    pretrained.model = "stabilityai/stable-diffusion-2-1-base"  # a diffusers folder or hub id
+    pretrained.revision = "main"  # hub revision (ignored for a folder)
 
-    config.sample = sample = ml_collections.ConfigDict()
-    sample.num_steps = 20
-    sample.eta = 1.0
-    sample.guidance_scale = 5.0
-    sample.batch_size = 4
-    sample.num_batches_per_epoch = 1
-    sample.cfg = True
+    config.sample = sample = ml_collections.ConfigDict()  # sampling (METHOD.md §1, §3)
+    sample.num_steps = 20  # DDIM steps per image, T
+    sample.eta = 1.0  # DDIM noise scale: std = eta * sigma_t; must be > 0 to train
+    sample.guidance_scale = 5.0  # classifier-free guidance weight (sampling, fusion and training)
+    sample.batch_size = 4  # images per sampling batch, all of one prompt
+    sample.num_batches_per_epoch = 1  # batches per prompt per epoch: n = batch_size * this, a multiple of 4
+    sample.cfg = True  # classifier-free guidance while sampling and fusing
 
-    config.train = train = ml_collections.ConfigDict()
-    train.batch_size = 1
-    train.learning_rate = 1e-4
-    train.adam_beta1 = 0.9
-    train.adam_beta2 = 0.999
-    train.adam_weight_decay = 1e-4
-    train.adam_epsilon = 1e-8
-    train.gradient_accumulation_steps = 1
-    train.max_grad_norm = 1.0
-    train.num_inner_epochs = 2
-    train.cfg = True
-    train.timestep_fraction = 1.0
-    train.alpha = 1.0
-    train.beta = 0.0
+    config.train = train = ml_collections.ConfigDict()  # training (METHOD.md §7)
+    train.batch_size = 1  # pairs (DPO) or samples (DDPO) per process per gradient accumulation step
+    train.learning_rate = 1e-4  # AdamW learning rate (constant)
+    train.adam_beta1 = 0.9  # AdamW beta1
+    train.adam_beta2 = 0.999  # AdamW beta2
+    train.adam_weight_decay = 1e-4  # AdamW weight decay
+    train.adam_epsilon = 1e-8  # AdamW epsilon
+    train.gradient_accumulation_steps = 1  # one optimizer step per batch_size * this pairs
+    train.max_grad_norm = 1.0  # gradient norm clip before each optimizer step
+    train.num_inner_epochs = 2  # passes over the epoch's pairs (or samples), reshuffled each pass
+    train.cfg = True  # classifier-free guidance in training's noise predictions (sample.guidance_scale)
+    train.timestep_fraction = 1.0  # each pair trains on floor(num_steps * this) random steps, in (0, 1]
+    # the names are the release's: `alpha` is the coefficient DPO and Diffusion-DPO call beta
+    train.alpha = 1.0  # DPO: loss = -log sigmoid(alpha * (log r_w - log r_l)) (METHOD.md §7.3)
+    train.beta = 0.0  # DPO: weight of mean((eps_theta - eps_ref)^2) on the preferred side (a regulariser)
     train.gamma = 2.0  # read nowhere, as in the release: kept only so the release's command lines run
-    train.eps = 0.1
-    train.num_epochs = 20
-    train.adv_clip_max = 5.0
-    train.save_interval = 2
-    train.num_checkpoint_limit = 100
-    train.begin_epoch = 0
-    train.use_8bit_adam = False
+    train.eps = 0.1  # probability ratios clipped to [1 - eps, 1 + eps] (DPO as D3PO, DDPO as PPO)
+    train.num_epochs = 20  # epochs of sample -> score -> fuse -> train; the run ends after epoch num_epochs - 1
+    train.adv_clip_max = 5.0  # DDPO: advantages clipped to +-this
+    train.save_interval = 2  # checkpoint every this many epochs, and after the last (METHOD.md §7.5)
+    train.num_checkpoint_limit = 100  # at most this many checkpoints kept (the oldest go)
+    train.begin_epoch = 0  # first epoch of a run that resumes from no checkpoint
+    train.use_8bit_adam = False  # bitsandbytes' 8-bit AdamW (pip install bitsandbytes)
     return config
 
 
@@ -108,13 +124,13 @@ def project_config(config):
     # build the tiny random-weight models into `tiny_cache` when `pretrained.model` (or a reward's model)
     # is <tiny_cache>/sd (<tiny_cache>/clip, /pickscore, /hpsv2/..., /aesthetic/...) and missing; a path
     # elsewhere is never built
-    config.pretrained.tiny = False
-    config.tiny_cache = "./.cache/tiny"
+    config.pretrained.tiny = False  # True: build the missing tiny test models (see above)
+    config.tiny_cache = "./.cache/tiny"  # where the tiny models are built
     config.threads = 0  # torch CPU threads; 0 leaves torch's default
 
-    # --- training (issue 4, SPEC section 7) ---
+    # --- training (METHOD.md §7, §8) ---
     # "dpo": trajectory DPO on (target, base) pairs; "ddpo": PPO-clip on scores; "dpok": DDPO's PPO-clip
-    # plus train.kl_weight x the closed-form KL of each step to the pretrained model (SPEC section 8)
+    # plus train.kl_weight x the closed-form KL of each step to the pretrained model (METHOD.md §8)
     config.train.algorithm = "dpo"
     config.train.kl_weight = 0.01  # dpok: the weight of the KL penalty
     # ddpo/dpok advantages: 0 standardises each prompt's scores within the epoch; N > 0 uses ddpo-pytorch's
@@ -125,7 +141,7 @@ def project_config(config):
     # what DPO prefers over each base: "target" (D-Fusion's visually consistent pair) or "reference"
     # (the paper's baseline: the ordinary well-aligned sample, visually inconsistent with the base)
     config.train.preferred = "target"
-    config.train.lora_rank = 4  # LoRA on the UNet's to_q, to_k, to_v, to_out.0
+    config.train.lora_rank = 4  # LoRA rank on the UNet's to_q, to_k, to_v, to_out.0
     config.train.gradient_checkpointing = False  # recompute UNet activations in backward: less memory, slower
     config.train.tensorboard = False  # also log the metrics to data/<exp_name>/tensorboard (needs tensorboard)
     # a checkpoint folder (checkpoints/checkpoint_<k>) or a folder of them (the newest is used): the run
@@ -133,7 +149,7 @@ def project_config(config):
     # experiment's own newest checkpoint when it has one (a rerun continues), else begin_epoch
     config.resume_from = ""
 
-    # --- CLIP scorer (issue 3, SPEC section 5): run_eval.py, or the sampler itself with eval.inline ---
+    # --- scoring (METHOD.md §5): run_eval.py, or the sampler itself with eval.inline ---
     config.eval = ev = ml_collections.ConfigDict()
     # what scores an image against its prompt (d_fusion/rewards.py: REWARDS): "clip" (the release's
     # CLIP score, with the model below), "pickscore", "hpsv2", "aesthetic" (their models below) or
@@ -166,7 +182,7 @@ def project_config(config):
     ev.exit_when_finished = False  # run_eval.py also exits once the sampler has written finished.json
     ev.debug_batch_delay = 0.0  # debugging/crash tests: seconds the scorer sleeps after each saved batch
 
-    # --- D-Fusion (issue 7, SPEC sections 4 and 6) ---
+    # --- D-Fusion (METHOD.md §4 and §6) ---
     # the objects as words, the same for every prompt, e.g. "cat,sandwich" (each word: all its tokens);
     # when set it replaces item_idx (and may not be combined with item_idx_file). Not named `items`:
     # that is a ConfigDict method.
@@ -176,12 +192,13 @@ def project_config(config):
     fusion.use_mask = True  # False: fuse without a mask (K' = K_ref, V' = V_ref over the whole image)
     fusion.mask_images = "all"  # mask pictures under mask/: "all" steps, the "last" step, or "none"
     # targets made per fused sampling pass (even: each reference guides two targets in a row); pairs
-    # of several prompts share a pass. Larger fills a GPU better (SD 2.1 fp16 on an H200: 0.59x the
-    # release's time at 8 targets, 0.52x at 16) and holds more keys and values in memory
+    # of several prompts share a pass, each pass costs 1.5 UNet calls per target per step (METHOD.md
+    # §6.5). Larger fills a GPU better (SD 2.1 fp16 on an H200: 0.59x the release's time at 8
+    # targets, 0.52x at 16) and holds more keys and values in memory
     fusion.batch_size = 8
     fusion.base_masks = False  # also regenerate each base (one more UNet pass per step) to save its masks
 
-    # --- held-out evaluation and report (issue 6): run_heldout.py, run_report.py ---
+    # --- held-out evaluation and report: run_heldout.py, run_report.py ---
     config.heldout = heldout = ml_collections.ConfigDict()
     heldout.prompt_file = "config/prompt/template1_test.json"  # held-out prompts (a JSON list)
     heldout.images_per_prompt = 4  # image j (prompt by prompt) has seed `seed + j`, for every model alike
@@ -207,10 +224,39 @@ def get_config(variant=None):
     config = project_config(release_config())
     if variant in (None, ""):
         return config
-    variants = {"tiny": tiny, "shapes": shapes}
+    variants = {"tiny": tiny, "shapes": shapes, "release_full": release_full}
     if variant not in variants:
         raise ValueError(f"unknown config variant {variant!r}; known: {', '.join(variants)}")
     return variants[variant](config)
+
+
+def release_full(config):
+    """The release README's "full version" run (its Terminal 2 command line), on SD 2.1 base:
+
+        python run_eval.py   --config config/config.py:release_full --config.exp_name full
+        python run_sample.py --config config/config.py:release_full --config.exp_name full \\
+            --config.pretrained.model path/to/sd2.1-base
+
+    Batch arithmetic (docs/METHOD.md §2), per epoch:
+        40 prompts (template1_train.json) x 8 batches x 2 images = 640 samples, 16 per prompt;
+        per prompt the best 16 / 4 = 4 are references (each used twice), the lower 16 / 2 = 8 bases:
+        8 (reference, base) pairs per prompt, 40 x 8 = 320 targets, made in 320 / 8 = 40 fused
+        batches of fusion.batch_size 8 (one prompt's 4 references and 8 targets each);
+        DPO on the 320 (target, base) pairs: train.num_inner_epochs 2 x 320 / (train.batch_size 1 x
+        gradient_accumulation_steps 1) = 640 optimizer steps, each over 20 timesteps of one pair.
+    One epoch (train.num_epochs 1), as the release's command; the release's default is 20
+    (--config.train.num_epochs 20). Everything else is the release's default (release_config), and
+    the project's fields keep their defaults: scores come from run_eval.py in a second terminal, as in
+    the release (eval.inline False).
+    """
+    config.seed = 42
+    config.prompt_file = "config/prompt/template1_train.json"  # 40 prompts: 20 animals, 3 activities
+    config.mask_thr_file = "config/prompt/template1_mask.json"  # a threshold per object of each prompt
+    config.item_idx_file = "config/prompt/template1_item.json"  # the two objects' word positions
+    config.sample.num_batches_per_epoch = 8
+    config.sample.batch_size = 2  # 8 x 2 = 16 samples per prompt
+    config.train.num_epochs = 1
+    return config
 
 
 def tiny(config):

@@ -1,4 +1,4 @@
-"""Attention processors for mask-guided self-attention fusion (SPEC section 6).
+"""Attention processors for mask-guided self-attention fusion (docs/METHOD.md §6).
 
 One processor class sits on every attention layer of the UNet (set with `set_attn_processor`
 for the duration of a fused sampling, see `fusion_processors`). A layer is known by its
@@ -19,8 +19,8 @@ up 4, 5, 6). What a processor does in one UNet call comes from a state object pa
   M (one value per key position) is the reference's fusion mask at this layer's grid, shared by
   both CFG halves and all heads. Without a mask, K' = K_r and V' = V_r.
 
-The six `inject_component` flags (self Q, K, V, cross Q, K, V), as the release reads them (SPEC
-section 6): the self Q flag (with its own `inject_t`/`inject_l` ranges) is the switch, deciding
+The six `inject_component` flags (self Q, K, V, cross Q, K, V), as the release reads them (docs/METHOD.md
+§6.4): the self Q flag (with its own `inject_t`/`inject_l` ranges) is the switch, deciding
 where the target's self-attention fuses, though the target keeps its own query; there the self K
 flag (with its ranges) says whether K is blended, the self V flag whether V is. The three
 cross-attention flags change nothing ("everything else in the target's forward pass is
@@ -46,7 +46,7 @@ BLOCK_GROUPS = ("down_blocks", "mid_block", "up_blocks")
 @dataclass(frozen=True)
 class Layer:
     name: str  # processor name, e.g. down_blocks.2.attentions.0.transformer_blocks.0.attn1.processor
-    block: int  # SPEC section 6's block number
+    block: int  # docs/METHOD.md §6.1's block number
     self_attention: bool
     grid: int  # side of the layer's (square) query grid
     mask_layer: bool  # a cross-attention layer whose grid is the mask resolution
@@ -119,7 +119,7 @@ class Record:
     """A pass whose output is plain and whose K/V and mask-layer probabilities are kept."""
 
     kv_blocks: frozenset  # blocks whose self-attention keys and values are kept
-    probs: bool  # keep the mask layers' cross-attention probabilities
+    keep_masks: bool  # keep the mask layers' cross-attention probabilities (for the object masks)
     cfg: bool  # the batch is [uncond; cond]
     keys: dict = field(default_factory=dict)  # layer name -> (B_cfg, N, inner)
     values: dict = field(default_factory=dict)
@@ -203,7 +203,7 @@ class FusionAttnProcessor:
         if isinstance(fusion, Record):
             if layer.self_attention and layer.block in fusion.kv_blocks:
                 return self.record_keys_values(attn, hidden_states, fusion)
-            if layer.mask_layer and fusion.probs:
+            if layer.mask_layer and fusion.keep_masks:
                 return self.record_probs(attn, hidden_states, encoder_hidden_states, fusion)
         if isinstance(fusion, Fuse) and layer.self_attention:
             if layer.block in fusion.k_blocks or layer.block in fusion.v_blocks:

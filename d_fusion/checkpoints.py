@@ -1,4 +1,4 @@
-"""Checkpoints of training (SPEC section 7): kept every `train.save_interval` epochs, resume exactly.
+"""Checkpoints of training (docs/METHOD.md §7.5): kept every `train.save_interval` epochs, resume exactly.
 
 Every epoch ends with a checkpoint, so a crash loses at most the unfinished epoch; one that is not
 due by `save_interval` is deleted when the next epoch's is written. At most `num_checkpoint_limit`
@@ -16,8 +16,6 @@ import shutil
 
 import torch
 from diffusers import StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from d_fusion import distributed
 from d_fusion.datadir import (
@@ -31,6 +29,7 @@ from d_fusion.datadir import (
     write_tensors,
 )
 from d_fusion.errors import UserError
+from d_fusion.trainer import load_lora_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -45,27 +44,28 @@ def checkpoint_due(config, epoch):
 # ---------------------------------------------------------------- LoRA weights
 
 
-def save_lora(unet, folder):
+def save_lora(weights, folder):
+    """Write LoRA weights (`trainer.lora_state_dict`'s format) as `load_lora_weights(folder)` reads them."""
     StableDiffusionPipeline.save_lora_weights(
-        folder,
-        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
-        weight_name=CheckpointDir.LORA_WEIGHTS,
-        safe_serialization=True,
+        folder, unet_lora_layers=weights, weight_name=CheckpointDir.LORA_WEIGHTS, safe_serialization=True
     )
+
+
+def read_lora(path):
+    """The UNet's LoRA weights of a load_lora_weights file, without the "unet." prefix."""
+    return {k[len(UNET_PREFIX) :]: v for k, v in read_tensors(path).items() if k.startswith(UNET_PREFIX)}
 
 
 def load_lora(unet, path):
     """Set the UNet's LoRA adapter from a load_lora_weights file."""
-    weights = {k[len(UNET_PREFIX) :]: v for k, v in read_tensors(path).items() if k.startswith(UNET_PREFIX)}
     try:
-        result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(weights))
+        misfits = load_lora_state_dict(unet, read_lora(path))
     except RuntimeError as error:  # shape mismatch: another rank or model
         raise UserError(
             f"LoRA weights {path} do not fit this UNet and its LoRA rank ({error}): "
             "was the checkpoint made from another model?"
         ) from None
-    missing_lora = [k for k in result.missing_keys if "lora_" in k]
-    if not weights or result.unexpected_keys or missing_lora:
+    if misfits:
         raise UserError(f"LoRA weights {path} do not match this UNet's LoRA layers: resume with the same model")
 
 
@@ -115,20 +115,15 @@ def _set_rng_states(tensors):
 def save_checkpoint(trainer, experiment, epoch):
     """Write checkpoints/checkpoint_<epoch>/ whole (a scratch folder renamed into place)."""
     checkpoint = experiment.checkpoint(epoch)
-    tensors, saved = _split_optimizer_state(trainer.optimizer.state_dict())
-    scaler = trainer.accelerator.scaler
+    state = trainer.state_dict()
+    tensors, optimizer = _split_optimizer_state(state["optimizer"])
     with atomic_folder(checkpoint.root) as scratch:
         folder = CheckpointDir(scratch)
-        save_lora(trainer.models.unet, scratch)
+        save_lora(state["lora"], scratch)
         write_tensors(folder.state_tensors_file, tensors | _rng_states())
         write_json(
             folder.state_file,
-            dict(
-                epoch=epoch,
-                lora_rank=trainer.config.train.lora_rank,
-                optimizer=saved,
-                grad_scaler=scaler.state_dict() if scaler is not None else None,
-            ),
+            dict(epoch=epoch, lora_rank=state["lora_rank"], optimizer=optimizer, grad_scaler=state["grad_scaler"]),
         )
     log.info("epoch %d: checkpoint %s", epoch, checkpoint.root)
     return checkpoint
@@ -148,31 +143,30 @@ def keep_checkpoints(config, experiment, epoch):
         shutil.rmtree(old.root)
 
 
-def save_epoch_checkpoint(trainer, experiment, epoch):
-    """The main process writes the checkpoint (every process holds the same weights); all wait for it.
-
-    Returns the checkpoint on the main process, None on the others.
-    """
-    return distributed.on_main(_save_and_prune, trainer, experiment, epoch)
+def save_epoch_checkpoint(trainer, config, experiment, epoch):
+    """The main process writes the checkpoint (every process holds the same weights) and prunes the
+    older ones; all wait for it. Returns the checkpoint on the main process, None on the others."""
+    return distributed.on_main(_save_and_prune, trainer, config, experiment, epoch)
 
 
-def _save_and_prune(trainer, experiment, epoch):
+def _save_and_prune(trainer, config, experiment, epoch):
     checkpoint = save_checkpoint(trainer, experiment, epoch)
-    keep_checkpoints(trainer.config, experiment, epoch)
+    keep_checkpoints(config, experiment, epoch)
     return checkpoint
 
 
-def find_checkpoint(resume_from):
-    """`resume_from` itself when it is a checkpoint, else the newest checkpoint inside it."""
-    if CheckpointDir(resume_from).is_checkpoint():
-        return CheckpointDir(resume_from)
-    found = checkpoints_in(resume_from)
+def checkpoints_at(path, setting):
+    """[`path`] when it is a checkpoint folder, else the checkpoints inside it, oldest first; a UserError
+    naming `setting` (the config field that gave `path`) when it holds none."""
+    if CheckpointDir(path).is_checkpoint():
+        return [CheckpointDir(path)]
+    found = checkpoints_in(path)
     if not found:
         raise UserError(
-            f"config.resume_from = {resume_from!r} is neither a checkpoint folder nor a folder holding "
-            "checkpoint_<k>/ folders: pass e.g. data/<exp_name>/checkpoints"
+            f"config.{setting} = {path!r} is neither a checkpoint folder nor a folder holding checkpoint_<k>/ "
+            "folders: pass e.g. data/<exp_name>/checkpoints/checkpoint_3 or data/<exp_name>/checkpoints"
         )
-    return found[-1]
+    return found
 
 
 def load_checkpoint(trainer, checkpoint):
@@ -180,23 +174,17 @@ def load_checkpoint(trainer, checkpoint):
     saved = read_json(checkpoint.state_file, "checkpoint state")
     if not isinstance(saved, dict) or not {"epoch", "lora_rank", "optimizer", "grad_scaler"} <= saved.keys():
         raise UserError(f"checkpoint state {checkpoint.state_file} is incomplete; resume from another checkpoint")
-    if saved["lora_rank"] != trainer.config.train.lora_rank:
-        raise UserError(
-            f"checkpoint {checkpoint.root} has LoRA rank {saved['lora_rank']}, "
-            f"config.train.lora_rank is {trainer.config.train.lora_rank}: resume with the same rank"
-        )
-    load_lora(trainer.models.unet, checkpoint.lora_weights)
     tensors = read_tensors(checkpoint.state_tensors_file)
+    state = dict(
+        lora=read_lora(checkpoint.lora_weights),
+        lora_rank=saved["lora_rank"],
+        optimizer=_join_optimizer_state(tensors, saved["optimizer"]),
+        grad_scaler=saved["grad_scaler"],
+    )
     try:
-        trainer.optimizer.load_state_dict(_join_optimizer_state(tensors, saved["optimizer"]))
-    except (KeyError, ValueError) as error:
-        raise UserError(
-            f"the optimizer state of {checkpoint.root} does not fit this run's optimizer ({error}): "
-            "resume with the checkpoint's settings (train.use_8bit_adam, train.lora_rank)"
-        ) from None
-    scaler = trainer.accelerator.scaler
-    if scaler is not None and saved["grad_scaler"] is not None:
-        scaler.load_state_dict(saved["grad_scaler"])
+        trainer.load_state_dict(state)
+    except ValueError as error:
+        raise UserError(f"checkpoint {checkpoint.root} holds {error}: resume with the checkpoint's settings") from None
     _set_rng_states(tensors)
     log.info("resumed from %s (epoch %d)", checkpoint.root, saved["epoch"])
     return saved["epoch"]
@@ -220,4 +208,4 @@ def resume(trainer, config, experiment):
         return config.train.begin_epoch
     if not os.path.exists(resume_from):
         raise UserError(f"config.resume_from = {resume_from!r} does not exist")
-    return load_checkpoint(trainer, find_checkpoint(resume_from)) + 1
+    return load_checkpoint(trainer, checkpoints_at(resume_from, "resume_from")[-1]) + 1

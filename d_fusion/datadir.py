@@ -64,9 +64,11 @@ import tempfile
 
 import numpy as np
 from PIL import Image
+import torch
 from safetensors.torch import load_file, save_file
 
 from d_fusion.errors import UserError
+from d_fusion.sampling import Trajectories
 
 
 SCRATCH_PREFIX = ".tmp-"  # the scratch names of _atomic and atomic_folder
@@ -101,19 +103,26 @@ def _atomic(path, write):
 
 
 @contextlib.contextmanager
-def atomic_folder(path):
-    """Yield a scratch folder beside `path`; when the block succeeds it replaces `path` whole."""
-    parent = os.path.dirname(path) or "."
+def atomic_folder(path, replace=True):
+    """Yield a scratch folder beside `path`; when the block succeeds it replaces `path` whole. With
+    replace=False a `path` that another process made meanwhile is kept and the scratch dropped."""
+    parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=parent)
     try:
         yield scratch
         _publish_mode(scratch, 0o777)
         old = None
-        if os.path.isdir(path):  # keep the old folder until the new one is in place
-            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
+        if os.path.isdir(path):
+            if not replace:
+                return
+            old = tempfile.mkdtemp(prefix=".old-", dir=parent)  # keep the old folder until the new one is in place
             os.replace(path, os.path.join(old, "folder"))
-        os.rename(scratch, path)
+        try:
+            os.rename(scratch, path)
+        except OSError:
+            if replace or not os.path.isdir(path):  # not a folder another process made meanwhile
+                raise
         if old:
             shutil.rmtree(old)
     finally:
@@ -260,21 +269,66 @@ def is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def mean(values):
+    """The mean of a list of numbers; None for an empty list."""
+    return sum(values) / len(values) if values else None
+
+
+def score_text(score, signed=False):
+    """A score as the tables and the report print it: 4 decimals, a sign for differences, "-" for none."""
+    if score is None:
+        return "-"
+    return f"{score:+.4f}" if signed else f"{score:.4f}"
+
+
 def image_name(index):
     return f"{index:05d}.png"
 
 
 class ImageSet:
-    """A set of an epoch's images (`images/` or `injected_images/`): PNGs, manifest, scores."""
+    """A set of an epoch's images (`images/` or `injected_images/`): each image's PNG and denoising
+    trajectory, the manifest (the prompt list) and the scores. The one owner of the trajectory files:
+    nothing outside this module knows their key names or file names."""
 
-    def __init__(self, epoch_root, name, prompts_name, scores_name=None):
+    def __init__(self, epoch_root, name, prompts_name, trajectories_name=None, scores_name=None):
         self.name = name
         self.folder = os.path.join(epoch_root, name)
         self.prompts_file = os.path.join(epoch_root, prompts_name)
+        self.trajectories = os.path.join(epoch_root, trajectories_name) if trajectories_name else None
         self.scores_file = os.path.join(epoch_root, "eval", f"{scores_name or name}_scores.json")
 
     def image_path(self, index):
         return os.path.join(self.folder, image_name(index))
+
+    def trajectory_path(self, index):
+        return os.path.join(self.trajectories, f"{index:05d}.safetensors")
+
+    def files(self, index):
+        """The files of image `index` that later stages read: its PNG and, where kept, its trajectory."""
+        return [self.image_path(index)] + ([self.trajectory_path(index)] if self.trajectories else [])
+
+    def save_images(self, indices, images):
+        """images: uint8 (B, H, W, 3), row b is image indices[b]."""
+        for index, image in zip(indices, images):
+            write_image(self.image_path(index), image)
+
+    def save_trajectories(self, indices, trajectories):
+        """Row b of `trajectories` (a sampling.Trajectories batch) is image indices[b]'s."""
+        for row, index in enumerate(indices):
+            one = trajectories[row]
+            write_tensors(
+                self.trajectory_path(index),
+                dict(latents=one.latents, log_probs=one.log_probs, timesteps=one.timesteps),
+            )
+
+    def load_trajectories(self, indices):
+        """The trajectories of images `indices`, stacked in that order: a Trajectories batch."""
+        stored = [read_tensors(self.trajectory_path(i)) for i in indices]  # latents (T+1, C, H, W), log_probs (T,)
+        return Trajectories(
+            torch.stack([s["latents"] for s in stored]),
+            torch.stack([s["log_probs"] for s in stored]),
+            stored[0]["timesteps"],
+        )
 
     def published_prompts(self):
         """Prompts of the images published so far (index order); [] before the first batch."""
@@ -314,15 +368,14 @@ class ImageSet:
 
     def write_scores(self, scores, reward=None):
         """`reward`: the label of the reward that made them, recorded in the file."""
-        mean = sum(scores) / len(scores) if scores else None
-        write_json(self.scores_file, dict(count=len(scores), mean=mean, scores=list(scores), reward=reward))
+        write_json(self.scores_file, dict(count=len(scores), mean=mean(scores), scores=list(scores), reward=reward))
 
 
 class EpochDir:
     def __init__(self, root):
         self.root = root
-        self.sampled = ImageSet(root, "images", "prompt.json")
-        self.injected = ImageSet(root, "injected_images", "injected_prompt.json")
+        self.sampled = ImageSet(root, "images", "prompt.json", "trajectories")
+        self.injected = ImageSet(root, "injected_images", "injected_prompt.json", "injected_trajectories")
 
     def path(self, *parts):
         return os.path.join(self.root, *parts)
@@ -333,18 +386,6 @@ class EpochDir:
         return [self.sampled, self.injected]
 
     @property
-    def images(self):
-        return self.sampled.folder
-
-    @property
-    def prompts_file(self):
-        return self.sampled.prompts_file
-
-    @property
-    def trajectories(self):
-        return self.path("trajectories")
-
-    @property
     def prompt_history_file(self):
         return self.path("eval", "prompt_history.json")
 
@@ -352,58 +393,21 @@ class EpochDir:
         """history: {prompt: [{"epoch": k, "mean": m, "scores": [...]}, ...]}."""
         write_json(self.prompt_history_file, history)
 
-    def image_path(self, index):
-        return self.sampled.image_path(index)
-
-    def trajectory_path(self, index):
-        return os.path.join(self.trajectories, f"{index:05d}.safetensors")
-
-    def published_prompts(self):
-        return self.sampled.published_prompts()
-
-    def publish_samples(self, prompts):
-        self.sampled.publish(prompts)
-
-    def save_trajectory(self, index, latents, log_probs, timesteps):
-        write_tensors(self.trajectory_path(index), dict(latents=latents, log_probs=log_probs, timesteps=timesteps))
-
-    def load_trajectory(self, index):
-        return read_tensors(self.trajectory_path(index))
-
-    def sample_files(self, index):
-        """The files of sample `index` that later stages read: its image and trajectory."""
-        return [self.image_path(index), self.trajectory_path(index)]
-
-    # --- D-Fusion's outputs (issue 7) ---
-    @property
-    def injected_trajectories(self):
-        return self.path("injected_trajectories")
-
-    def injected_trajectory_path(self, target):
-        return os.path.join(self.injected_trajectories, f"{target:05d}.safetensors")
-
-    def save_injected_trajectory(self, target, latents, log_probs, timesteps):
-        write_tensors(
-            self.injected_trajectory_path(target), dict(latents=latents, log_probs=log_probs, timesteps=timesteps)
-        )
-
-    def load_injected_trajectory(self, target):
-        return read_tensors(self.injected_trajectory_path(target))
-
+    # --- D-Fusion's outputs: each target with copies of its reference and base, and the masks ---
     def target_files(self, target):
         """The files of target `target`: its image and trajectory, and the copies of its reference and base."""
-        return [
-            self.injected.image_path(target),
-            self.injected_trajectory_path(target),
-            self.reference_image_path(target),
-            self.base_image_path(target),
-        ]
+        return self.injected.files(target) + [self.reference_image_path(target), self.base_image_path(target)]
 
     def reference_image_path(self, target):
         return self.path("ref_images", image_name(target))
 
     def base_image_path(self, target):
         return self.path("base_images", image_name(target))
+
+    def save_pair_copies(self, target, base, reference):
+        """Copy the base's and the reference's images/ PNGs beside target `target`."""
+        copy_file(self.sampled.image_path(reference), self.reference_image_path(target))
+        copy_file(self.sampled.image_path(base), self.base_image_path(target))
 
     def mask_path(self, index, item, step):
         """Picture of object `item`'s mask of sample `index` (images/ numbering) at step index `step`."""

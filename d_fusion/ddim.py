@@ -1,4 +1,4 @@
-"""One DDIM step that also returns the log-probability of the transition (SPEC section 3).
+"""One DDIM step that also returns the log-probability of the transition (docs/METHOD.md §3).
 
 With the same noise, x_{t'} equals `DDIMScheduler.step`. The step is computed in fp32 whatever
 the model's dtype, so that log-probabilities of fp16 sampling stay accurate.
@@ -48,7 +48,7 @@ def _std(alpha, alpha_prev, eta):
 
 def step_std(scheduler, timestep, eta):
     """The standard deviation of the step from `timestep` (a float). It is 0 for a step onto a final
-    alpha of 1 (`set_alpha_to_one`): that step has no log-probability (SPEC section 8)."""
+    alpha of 1 (`set_alpha_to_one`): that step has no log-probability (docs/METHOD.md §3.3)."""
     timestep = torch.as_tensor(timestep).long().view(1)
     alpha, alpha_prev = (_alpha_cumprod(scheduler, t) for t in (timestep, previous_timestep(scheduler, timestep)))
     return _std(alpha, alpha_prev, eta).item()

@@ -18,23 +18,16 @@ import os
 
 import torch
 
-from d_fusion.checkpoints import load_lora
-from d_fusion.datadir import (
-    CheckpointDir,
-    ExperimentDir,
-    checkpoints_in,
-    read_image,
-    read_json,
-    write_image,
-    write_json,
-)
+from d_fusion.checkpoints import checkpoints_at, load_lora
+from d_fusion.datadir import ExperimentDir, mean, read_image, read_json, score_text, write_json
 from d_fusion.errors import UserError
 from d_fusion.logs import setup_logging
 from d_fusion.models import load_models_from_config
-from d_fusion.prompts import epoch_samples, read_prompt_file, warn_long_prompts
+from d_fusion.prompts import EpochLayout, read_prompt_file, warn_long_prompts
 from d_fusion.rewards import REWARDS, check_reward, load_scorer_from_config, parse_reward, reward_label, reward_settings
-from d_fusion.sampling import decode_images, encode_prompts, sample_generators, sample_trajectories
-from d_fusion.training import add_lora
+from d_fusion.sampling import encode_prompts, sample_images
+from d_fusion.stages import sampler_settings
+from d_fusion.trainer import add_lora
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +37,6 @@ BASE = "base"
 def prompt_set_name(prompt_file):
     """The results folder of a prompt file: its name without .json."""
     return os.path.splitext(os.path.basename(prompt_file))[0]
-
-
-def checkpoints_to_evaluate(path):
-    """`heldout.checkpoint`: "" -> none; a checkpoint folder -> it; a folder of checkpoints -> each, oldest first."""
-    if not path:
-        return []
-    if CheckpointDir(path).is_checkpoint():
-        return [CheckpointDir(path)]
-    found = checkpoints_in(path)
-    if not found:
-        raise UserError(
-            f"config.heldout.checkpoint = {path!r} is neither a checkpoint folder nor a folder holding "
-            "checkpoint_<k>/ folders: pass e.g. data/<exp_name>/checkpoints/checkpoint_3 or data/<exp_name>/checkpoints"
-        )
-    return found
 
 
 def model_name(checkpoint):
@@ -100,7 +78,9 @@ class HeldoutEvaluator:
 
     def __init__(self, config, prompts):
         self.config = config
-        self.samples = epoch_samples(prompts, config.heldout.images_per_prompt, 1)  # prompt of each image
+        # image j: prompt j // images_per_prompt, its generator seeded seed + j (epoch 0 of this layout)
+        self.layout = EpochLayout(tuple(prompts), config.heldout.images_per_prompt, 1, config.seed)
+        self.samples = self.layout.sample_prompts  # the prompt of each image
         self.rewards = {reward_label(parse_reward(spec)): spec for spec in heldout_rewards(config)}  # label -> spec
         self._models, self._scorers, self._clip = None, {}, None
         self._has_lora = False
@@ -147,7 +127,7 @@ class HeldoutEvaluator:
                 unet.disable_adapters()
             return
         if not self._has_lora:
-            add_lora(unet, read_json(checkpoint.state_file, "checkpoint state")["lora_rank"])
+            add_lora(unet, read_json(checkpoint.state_file, "checkpoint state")["lora_rank"], self.config.seed)
             self._has_lora = True
         unet.enable_adapters()
         load_lora(unet, checkpoint.lora_weights)
@@ -170,26 +150,16 @@ class HeldoutEvaluator:
 
     @torch.no_grad()
     def sample(self, model_dir):
-        models, sample, batch_size = self.models(), self.config.sample, self.config.heldout.batch_size
-        num_images = len(self.samples)
-        negative_embeds = encode_prompts(models, [""])
+        models, batch_size, num_images = self.models(), self.config.heldout.batch_size, len(self.samples)
+        sampler, negative_embeds = sampler_settings(self.config), encode_prompts(models, [""])
         for start in range(0, num_images, batch_size):
             indices = range(start, min(start + batch_size, num_images))
             prompts = self.samples[indices.start : indices.stop]
-            trajectories = sample_trajectories(
-                models,
-                encode_prompts(models, prompts),
-                negative_embeds.expand(len(prompts), -1, -1),
-                sample_generators(self.config.seed, 0, num_images, indices),  # seed + j
-                sample.num_steps,
-                sample.eta,
-                sample.guidance_scale,
-                sample.cfg,
-                progress=False,
+            generators = self.layout.generators(0, indices)
+            _, images = sample_images(
+                models, encode_prompts(models, prompts), negative_embeds, generators, sampler, progress=False
             )
-            images = decode_images(models, trajectories.latents[:, -1])  # (B, H, W, 3) uint8
-            for row, index in enumerate(indices):
-                write_image(model_dir.images.image_path(index), images[row])
+            model_dir.images.save_images(indices, images)
             model_dir.images.publish(self.samples[: indices.stop])
             log.info("%s: %d of %d held-out images", model_dir.name, indices.stop, num_images)
 
@@ -211,7 +181,7 @@ class HeldoutEvaluator:
             scored.write_scores(scores, label)
         record["scores"][label] = settings
         model_dir.write_settings(record)
-        log.info("%s: scored with %s, mean %.4f", model_dir.name, label, _mean(scores))
+        log.info("%s: scored with %s, mean %.4f", model_dir.name, label, mean(scores))
         return scores
 
     def diversity(self, model_dir, record):
@@ -227,11 +197,6 @@ class HeldoutEvaluator:
         record["diversity"] = settings
         model_dir.write_settings(record)
         return result
-
-
-def _mean(values):
-    values = list(values)
-    return sum(values) / len(values)
 
 
 def comparison_table(samples, scores, diversities=None):
@@ -252,14 +217,14 @@ def comparison_table(samples, scores, diversities=None):
         for label, by_model in scores.items():
             base = [by_model[BASE][i] for i in indices]
             for name, model_scores in by_model.items():
-                row[f"{label}: {name}"] = _mean([model_scores[i] for i in indices])
+                row[f"{label}: {name}"] = mean([model_scores[i] for i in indices])
             for name, model_scores in by_model.items():
                 if name != BASE:
                     ours = [model_scores[i] for i in indices]
-                    row[f"{label}: {name} - base"] = _mean([a - b for a, b in zip(ours, base)])
-                    row[f"{label}: {name} wins"] = _mean([float(a > b) for a, b in zip(ours, base)])
+                    row[f"{label}: {name} - base"] = mean([a - b for a, b in zip(ours, base)])
+                    row[f"{label}: {name} wins"] = mean([float(a > b) for a, b in zip(ours, base)])
         for name, per_prompt in (diversities or {}).items():
-            row[f"diversity: {name}"] = _mean(per_prompt.values()) if overall else per_prompt[prompt]
+            row[f"diversity: {name}"] = mean(list(per_prompt.values())) if overall else per_prompt[prompt]
         rows.append(row)
     return rows
 
@@ -273,7 +238,7 @@ def format_table(rows, prompt_width=40):
         if column == "prompt":
             return (value if len(value) <= width else value[: width - 1] + "~").ljust(width)
         if isinstance(value, float):
-            value = f"{value:+.4f}" if column.endswith(" - base") else f"{value:.4f}"
+            value = score_text(value, signed=column.endswith(" - base"))
         return str(value).rjust(width)
 
     lines = ["  ".join(c.ljust(w) if c == "prompt" else c.rjust(w) for c, w in zip(columns, widths))]
@@ -300,7 +265,8 @@ def run_heldout(config):
     prompts = read_prompt_file(config.heldout.prompt_file)
     for spec in heldout_rewards(config):
         check_reward(config, prompts, spec)
-    checkpoints = checkpoints_to_evaluate(config.heldout.checkpoint)
+    checkpoint = config.heldout.checkpoint
+    checkpoints = checkpoints_at(checkpoint, "heldout.checkpoint") if checkpoint else []
     results = experiment.heldout(prompt_set_name(config.heldout.prompt_file))
     evaluator = HeldoutEvaluator(config, prompts)
     scores, diversities = {label: {} for label in evaluator.rewards}, {}

@@ -1,4 +1,4 @@
-"""The release's fusion strings, parsed once at start-up into typed values (SPEC section 6).
+"""The release's fusion strings, parsed once at start-up into typed values (docs/METHOD.md §6.4).
 
 `inject_component` has six flags (self-attention Q, K, V, then cross-attention Q, K, V);
 `inject_t` and `inject_l` give, per component, a step range and a block range as "lo-hi"
@@ -6,7 +6,7 @@
 noisiest). Blocks: `lo <= block <= hi`, numbering the UNet's cross-attention blocks in
 forward order (down, mid, up).
 
-What the flags do is what they do in the release (SPEC section 6): the self-attention Q flag,
+What the flags do is what they do in the release (docs/METHOD.md §6.4): the self-attention Q flag,
 with its own ranges, is the fusion switch (the target keeps its own query); where it is on, the
 self K and V flags, each with its own ranges, say which of K and V come from the reference.
 The cross-attention flags are parsed and checked but do not act.

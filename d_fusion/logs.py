@@ -5,11 +5,18 @@ import os
 import sys
 
 
+def quiet_open_clip(record):
+    """open_clip logs every loading step at INFO on the root logger: keep only its warnings."""
+    return record.levelno >= logging.WARNING or f"{os.sep}open_clip{os.sep}" not in record.pathname
+
+
 def setup_logging(log_file=None, level=logging.INFO):
     handlers = [logging.StreamHandler(sys.stdout)]
     if log_file:
         os.makedirs(os.path.dirname(log_file), exist_ok=True)
         handlers.append(logging.FileHandler(log_file))
+    for handler in handlers:
+        handler.addFilter(quiet_open_clip)
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True
     )

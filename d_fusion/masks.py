@@ -1,6 +1,6 @@
 """The objects of each prompt, their thresholds, and the reference's cross-attention object mask.
 
-SPEC section 6: the objects ("items") of a prompt are token positions of the prompt. They come from
+docs/METHOD.md §6.2: the objects ("items") of a prompt are token positions of the prompt. They come from
 - `item_words` (this project's option): words naming the objects, e.g. "cat,sandwich", the same for every
   prompt; each maps through the tokenizer to all its token positions (a word of several tokens, or
   written twice, covers them all), or

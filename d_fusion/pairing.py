@@ -1,4 +1,4 @@
-"""Choosing references and bases by score (SPEC section 4).
+"""Choosing references and bases by score (docs/METHOD.md §4).
 
 Per prompt, with its n samples sorted by score, best first: the references are the best n // 4,
 each used twice in a row (r0, r0, r1, r1, ...); the bases are the lower half, best first. Pair k

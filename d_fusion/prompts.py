@@ -1,9 +1,12 @@
-"""The epoch's prompts: one prompt or a prompt file, expanded to one entry per sample."""
+"""The epoch's prompts: one prompt or a prompt file, and the epoch's layout of samples."""
 
 import logging
+from dataclasses import dataclass
+
 
 from d_fusion.datadir import read_json
 from d_fusion.errors import UserError
+from d_fusion.sampling import sample_generators
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +26,41 @@ def read_prompt_file(path):
     return prompts
 
 
-def epoch_samples(prompts, batch_size, num_batches_per_epoch):
-    """The prompt of every sample of an epoch, in sample-index order (batches never mix prompts)."""
-    return [p for p in prompts for _ in range(batch_size * num_batches_per_epoch)]
+@dataclass(frozen=True)
+class EpochLayout:
+    """Which sample is which, the same in every epoch and every process.
+
+    Prompt p (file order) owns samples p * n .. (p + 1) * n - 1, n = samples_per_prompt =
+    batch_size * num_batches; a batch is batch_size consecutive samples of one prompt. Sample j of
+    epoch k draws all its noise from a generator seeded seed + k * num_samples + j, so it regenerates
+    exactly, alone or in any batch.
+    """
+
+    prompts: tuple  # the prompt list, in file order
+    batch_size: int  # samples per batch of one prompt (sample.batch_size)
+    num_batches: int  # batches per prompt per epoch (sample.num_batches_per_epoch)
+    seed: int
+
+    @property
+    def samples_per_prompt(self):
+        return self.batch_size * self.num_batches
+
+    @property
+    def sample_prompts(self):
+        """The prompt of every sample, in sample-index order."""
+        return [p for p in self.prompts for _ in range(self.samples_per_prompt)]
+
+    @property
+    def num_samples(self):
+        return len(self.prompts) * self.samples_per_prompt
+
+    def batches(self, first=0):
+        """(start, stop) of every batch from sample `first` (a batch start) on."""
+        return [(start, start + self.batch_size) for start in range(first, self.num_samples, self.batch_size)]
+
+    def generators(self, epoch, indices):
+        """One fresh CPU generator per sample index in `indices`."""
+        return sample_generators(self.seed, epoch, self.num_samples, indices)
 
 
 def warn_long_prompts(tokenizer, prompts):

@@ -16,35 +16,30 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure  # a figure without pyplot: no backend, no global state
+from matplotlib.ticker import MaxNLocator
+from PIL import Image, ImageDraw, ImageFont
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402
-
-from d_fusion.datadir import (  # noqa: E402
+from d_fusion.datadir import (
     EpochDir,
     ExperimentDir,
     checkpoint_epoch,
+    mean,
     read_image,
+    score_text,
     write_figure,
     write_image,
     write_text,
 )
-from d_fusion.errors import UserError  # noqa: E402
-from d_fusion.logs import setup_logging  # noqa: E402
+from d_fusion.errors import UserError
+from d_fusion.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ("reference", "base", "target", "mask overlay")
 MASK_COLOUR = np.array([255.0, 0.0, 0.0])
 MASK_ALPHA = 0.45
-
-
-def _mean(values):
-    return sum(values) / len(values) if values else None
 
 
 def _at(scores, index):
@@ -94,7 +89,7 @@ class EpochView:
 
     @property
     def mean_delta(self):
-        return _mean([row.delta for row in self.rows if row.delta is not None])
+        return mean([row.delta for row in self.rows if row.delta is not None])
 
 
 def last_step_masks(epoch_dir, index):
@@ -104,7 +99,7 @@ def last_step_masks(epoch_dir, index):
 
 def read_epoch(experiment, k):
     epoch_dir = experiment.epoch(k)
-    prompts, scores = epoch_dir.published_prompts(), epoch_dir.sampled.read_scores()
+    prompts, scores = epoch_dir.sampled.published_prompts(), epoch_dir.sampled.read_scores()
     num_targets, target_scores = len(epoch_dir.injected.published_prompts()), epoch_dir.injected.read_scores()
     rows = [
         TargetRow(
@@ -176,13 +171,7 @@ def draw_overlays(report, view):
 def row_pictures(view, row, overlays):
     """The row's reference | base | target | mask overlay files (None: not made yet)."""
     target = view.folder.injected.image_path(row.target) if row.target_published else None
-    return [view.folder.image_path(row.reference), view.folder.image_path(row.base), target, overlays.get(row.target)]
-
-
-def score_text(score, signed=False):
-    if score is None:
-        return "-"
-    return f"{score:+.4f}" if signed else f"{score:.4f}"
+    return [view.folder.sampled.image_path(row.reference), view.folder.sampled.image_path(row.base), target, overlays.get(row.target)]
 
 
 def row_caption(row):
@@ -234,7 +223,8 @@ def draw_epoch_grid(report, view, overlays, size):
 
 
 def _figure(num_panels):
-    figure, axes = plt.subplots(1, num_panels, figsize=(5 * num_panels, 3.5), squeeze=False)
+    figure = Figure(figsize=(5 * num_panels, 3.5))
+    axes = figure.subplots(1, num_panels, squeeze=False)
     for axis in axes[0]:
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs
     return figure, axes[0]
@@ -258,8 +248,8 @@ def readable_y(axis, values, min_span, limits=None):
 
 def clip_curve(views):
     """Mean CLIP score of the samples and of the targets per epoch; None before any score."""
-    samples = [(v.epoch, _mean(v.scores)) for v in views if v.scores]
-    targets = [(v.epoch, _mean(v.target_scores)) for v in views if v.target_scores]
+    samples = [(v.epoch, mean(v.scores)) for v in views if v.scores]
+    targets = [(v.epoch, mean(v.target_scores)) for v in views if v.target_scores]
     if not samples:
         return None
     figure, (axis,) = _figure(1)
@@ -313,7 +303,6 @@ def update_curve(path, inputs, make_figure):
             return None
         figure.tight_layout()
         write_figure(path, figure)
-        plt.close(figure)
     return path
 
 
@@ -374,7 +363,7 @@ def target_row_html(view, row, overlays, root):
 def samples_html(view, root):
     """Before fusion: the published samples with their scores so far."""
     cells = [
-        f'<figure><img loading="lazy" src="{_src(view.folder.image_path(i), root)}"><figcaption>{i}: '
+        f'<figure><img loading="lazy" src="{_src(view.folder.sampled.image_path(i), root)}"><figcaption>{i}: '
         f"{html.escape(prompt)}<br>{_score_cell(_at(view.scores, i), view.epoch, 'images', i)}</figcaption></figure>"
         for i, prompt in enumerate(view.prompts)
     ]
@@ -385,7 +374,7 @@ def epoch_html(view, overlays, grid, root):
     targets_scored = f", {len(view.target_scores)} of {len(view.rows)} targets scored" if view.rows else ""
     summary = (
         f"{len(view.prompts)} samples published, {len(view.scores)} scored{targets_scored}. "
-        f"Mean score: samples {score_text(_mean(view.scores))}, targets {score_text(_mean(view.target_scores))}, "
+        f"Mean score: samples {score_text(mean(view.scores))}, targets {score_text(mean(view.target_scores))}, "
         f"target - base {score_text(view.mean_delta, signed=True)}."
     )
     parts = [f'<h2 id="epoch{view.epoch}">Epoch {view.epoch}</h2>', f"<p>{summary}</p>"]

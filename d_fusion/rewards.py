@@ -1,4 +1,4 @@
-"""Rewards: what scores an image against its prompt (SPEC section 5), by name.
+"""Rewards: what scores an image against its prompt (docs/METHOD.md §5), by name.
 
 `config.eval.reward` names one reward of `REWARDS`, or a weighted sum of them
 (`clip:1.0,pickscore:0.5`: the sum of each reward's score times its weight). A reward is a class with

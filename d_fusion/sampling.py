@@ -1,4 +1,4 @@
-"""Sampling with recorded trajectories (SPEC section 1, steps 1-2).
+"""Sampling with recorded trajectories (docs/METHOD.md §1, steps 1-2, and §3).
 
 Every sample owns a CPU `torch.Generator` seeded `seed + epoch * N + j`; it draws the initial
 latent and every step's noise, so sample j regenerates exactly, alone or in any batch.
@@ -11,6 +11,16 @@ import torch
 from tqdm.auto import tqdm
 
 from d_fusion.ddim import ddim_step_with_logprob, step_noise
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How a trajectory is denoised: the same for sampling, fusion, training's log-probs and held-out."""
+
+    num_steps: int  # DDIM steps T
+    eta: float  # DDIM's eta: 0 is deterministic (no log-probability), 1 is DDPM-like
+    guidance_scale: float  # classifier-free guidance weight w
+    cfg: bool = True  # False: the conditional prediction alone
 
 
 def sample_seed(seed, epoch, num_samples, index):
@@ -88,13 +98,21 @@ class Denoising:
         self.latents = [initial_latents(generators, latent_shape, unet.device)]  # x_T: (B, C, H, W)
         self.log_probs = []
 
-    def step(self, unet, scheduler, timestep, eta, guidance_scale, cfg=True, attention_kwargs=None):
-        """One DDIM step; `attention_kwargs` reach the attention processors (fusion's state)."""
+    def step(self, unet, scheduler, timestep, sampler, attention_kwargs=None):
+        """One DDIM step (SamplerSettings `sampler`); `attention_kwargs` reach the attention processors
+        (fusion's state)."""
         latents = self.latents[-1]
         noise = guided_noise(
-            unet, latents, timestep, self.prompt_embeds, self.negative_embeds, guidance_scale, cfg, attention_kwargs
+            unet,
+            latents,
+            timestep,
+            self.prompt_embeds,
+            self.negative_embeds,
+            sampler.guidance_scale,
+            cfg=sampler.cfg,
+            attention_kwargs=attention_kwargs,
         )
-        latents, log_prob, _ = ddim_step_with_logprob(scheduler, noise, timestep, latents, eta, self.generators)
+        latents, log_prob, _ = ddim_step_with_logprob(scheduler, noise, timestep, latents, sampler.eta, self.generators)
         self.latents.append(latents)
         self.log_probs.append(log_prob)
 
@@ -103,16 +121,23 @@ class Denoising:
 
 
 @torch.no_grad()
-def sample_trajectories(
-    models, prompt_embeds, negative_embeds, generators, num_steps, eta, guidance_scale, cfg=True, progress=True
-):
-    """Denoise from each generator's x_T with DDIM, keeping every x_t and every step's log-prob."""
+def sample_trajectories(models, prompt_embeds, negative_embeds, generators, sampler, progress=True):
+    """Denoise from each generator's x_T with DDIM, keeping every x_t and every step's log-prob.
+
+    prompt_embeds: (B, 77, D); negative_embeds: (1, 77, D); generators: B per-sample generators.
+    """
     scheduler, unet = models.scheduler, models.unet
-    scheduler.set_timesteps(num_steps, device=models.device)
+    scheduler.set_timesteps(sampler.num_steps, device=models.device)
     batch = Denoising(unet, generators, prompt_embeds, negative_embeds)
     for t in tqdm(scheduler.timesteps, desc="timestep", leave=False, disable=not progress):
-        batch.step(unet, scheduler, t, eta, guidance_scale, cfg)
+        batch.step(unet, scheduler, t, sampler)
     return batch.trajectories(scheduler.timesteps)
+
+
+def sample_images(models, prompt_embeds, negative_embeds, generators, sampler, progress=True):
+    """(trajectories, uint8 images (B, H, W, 3)) of one batch: sample_trajectories, then the VAE."""
+    trajectories = sample_trajectories(models, prompt_embeds, negative_embeds, generators, sampler, progress)
+    return trajectories, decode_images(models, trajectories.latents[:, -1])
 
 
 @torch.no_grad()

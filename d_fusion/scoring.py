@@ -1,4 +1,4 @@
-"""The CLIP scorer (SPEC section 5): the release's reward, cosine of open_clip's normalised image
+"""The CLIP scorer (docs/METHOD.md §5): the release's reward, cosine of open_clip's normalised image
 and text embeddings of an image and its own prompt. d_fusion/rewards.py names it `clip` among
 the other rewards, and says what every reward offers.
 
@@ -77,7 +77,6 @@ def open_clip_name(model):
 def create_open_clip(name, pretrained, device, what, hint):
     """(model, preprocess, tokenizer) of open_clip model `name` (weights: `pretrained`, a tag or a file;
     None when the name brings its own); a load failure is a UserError: `what` (the error). `hint`"""
-    logging.disable(logging.INFO)  # open_clip logs every loading step on the root logger
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, device=device, require_pretrained=True
@@ -85,8 +84,6 @@ def create_open_clip(name, pretrained, device, what, hint):
         return model, preprocess, open_clip.get_tokenizer(name)
     except (RuntimeError, ValueError, OSError, pickle.UnpicklingError) as error:
         raise UserError(f"{what} ({error}). {hint}") from None
-    finally:
-        logging.disable(logging.NOTSET)
 
 
 def load_scorer(model, pretrained="", dev_id=0, fields=("eval.model", "eval.pretrained")):

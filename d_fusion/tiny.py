@@ -23,7 +23,6 @@ And the other rewards' models (d_fusion/rewards.py), each in the format its user
 import gzip
 import json
 import os
-import shutil
 import sys
 import tempfile
 
@@ -40,6 +39,8 @@ from transformers import (
     CLIPTextModel,
     CLIPTokenizer,
 )
+
+from d_fusion.datadir import atomic_folder
 
 TEXT_DIM = 32
 SAMPLE_SIZE = 16  # latent side; images are 8x larger
@@ -233,26 +234,15 @@ def build_tiny_aesthetic(folder, seed=0):
 
 
 def _build_atomically(build, folder):
-    """Build into a scratch folder beside `folder`, then rename: a reader never sees half a model."""
-    if os.path.isdir(folder):
-        return folder
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix=".building-", dir=parent)
-    try:
-        build(scratch)
-        os.rename(scratch, folder)
-    except OSError:
-        if not os.path.isdir(folder):
-            raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    """Build `folder` unless it exists, whole or not at all: a reader never sees half a model."""
+    if not os.path.isdir(folder):
+        with atomic_folder(folder, replace=False) as scratch:
+            build(scratch)
     return folder
 
 
 def build_tiny_models(out_dir):
     """Build every tiny model into `out_dir` (each only if missing); returns `out_dir`."""
-    _build_atomically(build_tiny_sd, os.path.join(out_dir, "sd"))
     for name, build in TINY_MODELS.items():
         _build_atomically(build, os.path.join(out_dir, name))
     return out_dir

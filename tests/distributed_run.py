@@ -11,14 +11,14 @@ from d_fusion import distributed
 from d_fusion.checkpoints import save_lora
 from d_fusion.cli import main
 from d_fusion.experiment import run_experiment
-from d_fusion.training import TrainingStage
+from d_fusion.stages import TrainingStage
 
 train_epoch = TrainingStage.train_epoch
 
 
 def train_epoch_and_save_lora(stage, epoch):
     metrics = train_epoch(stage, epoch)
-    save_lora(stage.trainer.models.unet, os.path.join(stage.experiment.root, f"lora_process{distributed.rank()}"))
+    save_lora(stage.trainer.state_dict()["lora"], os.path.join(stage.experiment.root, f"lora_process{distributed.rank()}"))
     return metrics
 
 

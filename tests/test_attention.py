@@ -8,7 +8,7 @@ from d_fusion.tiny import build_unet
 
 
 def direct_fused_attention(q, k, v, k_ref, v_ref, mask):
-    """SPEC section 6 written out: K' = M K_r + (1 - M) K, V' likewise, softmax(Q K'^T / sqrt(d)) V'."""
+    """docs/METHOD.md §6.3 written out: K' = M K_r + (1 - M) K, V' likewise, softmax(Q K'^T / sqrt(d)) V'."""
     m = mask[:, None, :, None]
     key = m * k_ref + (1 - m) * k
     value = m * v_ref + (1 - m) * v
@@ -79,7 +79,7 @@ def test_without_state_the_processors_are_the_models_own_attention(unet):
         with fusion_processors(unet) as layers:
             ours = unet(x, 500, encoder_hidden_states=embeds).sample
             every_block = frozenset(layer.block for layer in layers)
-            record = Record(every_block, probs=True, cfg=True)
+            record = Record(every_block, keep_masks=True, cfg=True)
             recording = unet(x, 500, encoder_hidden_states=embeds, cross_attention_kwargs={"fusion": record}).sample
         assert all(type(p) is AttnProcessor2_0 for p in unet.attn_processors.values())  # put back
     torch.testing.assert_close(ours, own, rtol=0, atol=1e-5)
@@ -92,7 +92,7 @@ def test_without_state_the_processors_are_the_models_own_attention(unet):
 def fuse_state(unet, x, embeds, mask, layers):
     """Record a reference pass over (x, embeds) and return a Fuse of every block guided by it."""
     blocks = frozenset(layer.block for layer in layers)
-    record = Record(blocks, probs=False, cfg=True)
+    record = Record(blocks, keep_masks=False, cfg=True)
     unet(x, 500, encoder_hidden_states=embeds, cross_attention_kwargs={"fusion": record})
     return Fuse(record, torch.tensor([0]), mask, blocks, blocks)
 

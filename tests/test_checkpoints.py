@@ -6,12 +6,13 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from d_fusion.checkpoints import checkpoint_due, find_checkpoint, resume, save_checkpoint, save_epoch_checkpoint
+from d_fusion.checkpoints import checkpoint_due, checkpoints_at, resume, save_checkpoint, save_epoch_checkpoint
 from d_fusion.datadir import ExperimentDir, checkpoints_in
 from d_fusion.errors import UserError
 from d_fusion.models import load_models
-from d_fusion.sampling import encode_prompts, sample_generators, sample_trajectories
-from d_fusion.training import PreferencePairs, Trainer, reference_policy
+from d_fusion.sampling import SamplerSettings, encode_prompts, sample_generators, sample_trajectories
+from d_fusion.stages import make_trainer
+from d_fusion.trainer import PreferencePairs, reference_policy
 
 NUM_STEPS = 3
 
@@ -30,7 +31,7 @@ def epoch_pairs(models, epoch):
     embeds = encode_prompts(models, ["a cat playing chess"]).expand(4, -1, -1)
     negative = encode_prompts(models, [""]).expand(4, -1, -1)
     generators = sample_generators(7, epoch, 4, range(4))
-    trajectories = sample_trajectories(models, embeds, negative, generators, NUM_STEPS, 1.0, 5.0, True, progress=False)
+    trajectories = sample_trajectories(models, embeds, negative, generators, SamplerSettings(NUM_STEPS, 1.0, 5.0, True), progress=False)
     return PreferencePairs(trajectories[0:2], trajectories[2:4], embeds[:2])
 
 
@@ -39,7 +40,7 @@ def lora_weights(trainer):
 
 
 def new_trainer(config):
-    return Trainer(config, load_models(config.pretrained.model, mixed_precision="no"))
+    return make_trainer(config, load_models(config.pretrained.model, mixed_precision="no"))
 
 
 def test_resumed_run_reaches_the_uninterrupted_weights(config):
@@ -51,7 +52,7 @@ def test_resumed_run_reaches_the_uninterrupted_weights(config):
     uninterrupted = lora_weights(trainer)
 
     config.resume_from = experiment.checkpoints  # a folder of checkpoints: the newest is epoch 1
-    assert find_checkpoint(config.resume_from).epoch == 1
+    assert checkpoints_at(config.resume_from, "resume_from")[-1].epoch == 1
     config.resume_from = experiment.checkpoint(0).root
     resumed = new_trainer(config)
     assert resume(resumed, config, experiment) == 1
@@ -92,7 +93,7 @@ def test_save_interval_limit_and_bad_resume(config):
     trainer = new_trainer(config)
     kept = []
     for epoch in range(5):
-        save_epoch_checkpoint(trainer, experiment, epoch)
+        save_epoch_checkpoint(trainer, config, experiment, epoch)
         kept.append([c.epoch for c in checkpoints_in(experiment.checkpoints)])
     # every epoch's checkpoint lives until the next one; due ones (1, 3, 4) stay, at most 2 of them
     assert kept == [[0], [1], [1, 2], [1, 3], [3, 4]]
@@ -107,7 +108,7 @@ def test_save_interval_limit_and_bad_resume(config):
         resume(trainer, config, experiment)
 
     # resumed from an older checkpoint, the run's next save drops the abandoned later ones
-    save_epoch_checkpoint(trainer, experiment, 3)
+    save_epoch_checkpoint(trainer, config, experiment, 3)
     assert [c.epoch for c in checkpoints_in(experiment.checkpoints)] == [3]
 
 

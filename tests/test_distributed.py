@@ -80,9 +80,9 @@ def one_process_run(tiny_config):
 def publish_first_batch(source, destination, batch_size=4):
     """What a run that crashed after its first batch leaves: that batch's files and manifest."""
     for index in range(batch_size):
-        copy_file(source.image_path(index), destination.image_path(index))
-        copy_file(source.trajectory_path(index), destination.trajectory_path(index))
-    destination.publish_samples(source.published_prompts()[:batch_size])
+        copy_file(source.sampled.image_path(index), destination.sampled.image_path(index))
+        copy_file(source.sampled.trajectory_path(index), destination.sampled.trajectory_path(index))
+    destination.sampled.publish(source.sampled.published_prompts()[:batch_size])
 
 
 @pytest.mark.distributed
@@ -102,9 +102,9 @@ def test_two_processes_make_the_same_epoch_and_weights(one_process_run, tmp_path
             assert np.array_equal(pixels(set_one.image_path(index)), pixels(set_two.image_path(index))), index
         assert set_two.read_scores() == set_one.read_scores()
     for index in range(12):
-        assert torch.equal(epoch_one.load_trajectory(index)["latents"], epoch_two.load_trajectory(index)["latents"])
+        assert torch.equal(epoch_one.sampled.load_trajectories([index]).latents[0], epoch_two.sampled.load_trajectories([index]).latents[0])
     for target in range(6):
-        latents = [epoch.load_injected_trajectory(target)["latents"] for epoch in (epoch_one, epoch_two)]
+        latents = [epoch.injected.load_trajectories([target]).latents[0] for epoch in (epoch_one, epoch_two)]
         assert torch.equal(*latents)
     assert epoch_two.read_injected_map() == epoch_one.read_injected_map()
 

@@ -10,8 +10,9 @@ from d_fusion.checkpoints import load_lora
 from d_fusion.datadir import ExperimentDir, checkpoints_in
 from d_fusion.experiment import run_experiment
 from d_fusion.models import load_models
-from d_fusion.sampling import encode_prompts, sample_generators, sample_trajectories
-from d_fusion.training import TrainingStage, add_lora, load_scored_samples
+from d_fusion.sampling import SamplerSettings, encode_prompts, sample_generators, sample_trajectories
+from d_fusion.stages import TrainingStage, epoch_advantages, load_scored_samples
+from d_fusion.trainer import add_lora
 
 NUM_SAMPLES, NUM_TARGETS, NUM_STEPS = 4, 2, 3
 
@@ -39,7 +40,7 @@ def regenerate_epoch_1(config, unet_setup):
     negative = encode_prompts(models, [""]).expand(NUM_SAMPLES, -1, -1)
     generators = sample_generators(config.seed, 1, NUM_SAMPLES, range(NUM_SAMPLES))
     return sample_trajectories(
-        models, embeds, negative, generators, NUM_STEPS, 1.0, config.sample.guidance_scale, progress=False
+        models, embeds, negative, generators, SamplerSettings(NUM_STEPS, 1.0, config.sample.guidance_scale), progress=False
     ).latents
 
 
@@ -50,17 +51,17 @@ def test_two_epochs_write_everything_and_epoch_1_samples_from_the_trained_unet(c
     for epoch in range(2):
         epoch_dir = experiment.epoch(epoch)
         for index in range(NUM_SAMPLES):
-            assert os.path.isfile(epoch_dir.image_path(index))
-            assert os.path.isfile(epoch_dir.trajectory_path(index))
+            assert os.path.isfile(epoch_dir.sampled.image_path(index))
+            assert os.path.isfile(epoch_dir.sampled.trajectory_path(index))
         for target in range(NUM_TARGETS):
             for path in (
                 epoch_dir.injected.image_path(target),
-                epoch_dir.injected_trajectory_path(target),
+                epoch_dir.injected.trajectory_path(target),
                 epoch_dir.reference_image_path(target),
                 epoch_dir.base_image_path(target),
             ):
                 assert os.path.isfile(path), path
-        assert len(epoch_dir.published_prompts()) == NUM_SAMPLES
+        assert len(epoch_dir.sampled.published_prompts()) == NUM_SAMPLES
         assert len(epoch_dir.injected.published_prompts()) == NUM_TARGETS
         assert len(epoch_dir.read_injected_map()) == NUM_TARGETS
         assert len(epoch_dir.sampled.read_scores()) == NUM_SAMPLES
@@ -76,11 +77,11 @@ def test_two_epochs_write_everything_and_epoch_1_samples_from_the_trained_unet(c
         assert {"loss", "accuracy", "abs_log_ratio", "clipped", "lr", "sample_score", "target_score"} <= set(m)
     assert metrics[1]["abs_log_ratio"] > 0  # epoch 1 starts from the trained LoRA, not from the reference
 
-    stored = torch.stack([experiment.epoch(1).load_trajectory(i)["latents"] for i in range(NUM_SAMPLES)])
+    stored = torch.stack([experiment.epoch(1).sampled.load_trajectories([i]).latents[0] for i in range(NUM_SAMPLES)])
     checkpoint_0 = experiment.checkpoint(0).lora_weights
 
     def trained(models):
-        add_lora(models.unet, config.train.lora_rank)
+        add_lora(models.unet, config.train.lora_rank, config.seed)
         load_lora(models.unet, checkpoint_0)
 
     torch.testing.assert_close(regenerate_epoch_1(config, trained), stored, atol=1e-6, rtol=0)
@@ -92,8 +93,9 @@ def test_two_epochs_write_everything_and_epoch_1_samples_from_the_trained_unet(c
     config.resume_from = experiment.checkpoint(0).root  # the policy that sampled epoch 1
     config.train.gradient_accumulation_steps = NUM_SAMPLES + NUM_TARGETS  # one optimizer step, after every loss
     stage = TrainingStage(config, load_models(config.pretrained.model, mixed_precision="no"), experiment)
-    scored = load_scored_samples(stage.trainer, experiment, 1)
+    advantages = epoch_advantages(config, experiment, 1)
+    scored = load_scored_samples(stage.trainer, experiment.epoch(1), advantages, config.sample.batch_size)
     assert len(scored) == NUM_SAMPLES + NUM_TARGETS and scored.advantages.mean().abs() < 1e-5
-    fused = torch.stack([experiment.epoch(1).load_injected_trajectory(t)["log_probs"] for t in range(NUM_TARGETS)])
+    fused = experiment.epoch(1).injected.load_trajectories(range(NUM_TARGETS)).log_probs
     assert (scored.trajectories.log_probs[NUM_SAMPLES:] - fused).abs().max() > 1e-3
     assert stage.train_epoch(1)["loss"] == pytest.approx(-scored.advantages.mean().item(), abs=1e-5)  # every ratio is 1

@@ -9,11 +9,12 @@ import time
 import numpy as np
 import pytest
 
-from d_fusion import evaluator
-from d_fusion.datadir import ExperimentDir, read_json, write_image
+from d_fusion import evaluator, stages
+from d_fusion.datadir import ExperimentDir, read_image, read_json, write_image
 from d_fusion.errors import UserError
-from d_fusion.evaluator import ScoreCollector, run_scorer, score_pending
+from d_fusion.evaluator import run_scorer
 from d_fusion.scoring import load_scorer
+from d_fusion.stages import ScoreCollector, score_pending
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a cat playing chess"] * 4 + ["a dog driving a car"] * 4  # 8 images, two prompts
@@ -57,7 +58,7 @@ def experiment(tmp_path):
 
 def test_scores_only_listed_images_in_order_and_each_once(experiment, scorer):
     sampled = experiment.epoch(0).sampled
-    expected = scorer.score([evaluator.read_image(sampled.image_path(i)) for i in range(8)], PROMPTS)
+    expected = scorer.score([read_image(sampled.image_path(i)) for i in range(8)], PROMPTS)
     sampled.publish(PROMPTS[:3])  # the manifest lists 3 images; the other PNGs are not published yet
     with open(sampled.image_path(5), "wb") as f:
         f.write(b"\x89PNG half-written")
@@ -155,7 +156,7 @@ def experiment_config(inline, **eval_fields):
 
 def test_inline_collect_scores_missing_images_and_reuses_saved_ones(experiment, scorer, monkeypatch):
     loads = []
-    monkeypatch.setattr(evaluator, "load_scorer_from_config", lambda config: loads.append(1) or scorer)
+    monkeypatch.setattr(stages, "load_scorer_from_config", lambda config: loads.append(1) or scorer)
     sampled = experiment.epoch(0).sampled
     score_new_half = CountingScorer(scorer, fail_after=1)
     with pytest.raises(RuntimeError):
@@ -188,7 +189,7 @@ def test_waiting_sampler_says_once_how_to_start_the_scorer(experiment, scorer, c
     sampled = experiment.epoch(0).sampled
     late_scorer = threading.Timer(0.5, lambda: score_pending(scorer, experiment, batch_size=8))
     late_scorer.start()
-    with caplog.at_level(logging.INFO, logger="d_fusion.evaluator"):
+    with caplog.at_level(logging.INFO, logger="d_fusion.stages"):
         scores = ScoreCollector(experiment_config(inline=False, no_scorer_timeout=0.1), experiment).collect(0, sampled)
     late_scorer.join()
     assert len(scores) == 8 and scores == sampled.read_scores()

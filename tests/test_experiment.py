@@ -12,15 +12,16 @@ import d_fusion.experiment as experiment
 from d_fusion.datadir import ExperimentDir, read_json
 from d_fusion.errors import UserError
 from d_fusion.models import load_models_from_config
-from d_fusion.prompts import epoch_samples, load_prompts
-from d_fusion.sampling import encode_prompts
+from d_fusion import sampling, stages
+from d_fusion.prompts import load_prompts
+from d_fusion.stages import Run
 
 
 def run_sampling(config, models):
-    samples = epoch_samples(load_prompts(config), config.sample.batch_size, config.sample.num_batches_per_epoch)
-    epoch_dir = ExperimentDir(config.save_path, config.exp_name).epoch(0)
-    experiment.sample_epoch(config, models, epoch_dir, 0, samples, encode_prompts(models, [""]))
-    return epoch_dir, samples
+    prompts = load_prompts(config)
+    run = Run.build(config, models, ExperimentDir(config.save_path, config.exp_name), prompts, objects={})
+    stages.sample_epoch(run, 0)
+    return run.experiment.epoch(0), run.layout.sample_prompts
 
 
 @pytest.fixture
@@ -35,12 +36,12 @@ def small_config(tiny_config):
 
 def test_sampling_writes_images_prompts_and_trajectories(small_config, tiny_sd):
     epoch_dir, samples = run_sampling(small_config, tiny_sd)
-    assert epoch_dir.published_prompts() == samples
+    assert epoch_dir.sampled.published_prompts() == samples
     for index in range(len(samples)):
-        assert Image.open(epoch_dir.image_path(index)).size == (128, 128)
-        trajectory = epoch_dir.load_trajectory(index)
-        assert trajectory["latents"].shape == (4, 4, 16, 16) and trajectory["log_probs"].shape == (3,)
-    assert not [f for f in os.listdir(epoch_dir.images) if f.startswith(".tmp")]
+        assert Image.open(epoch_dir.sampled.image_path(index)).size == (128, 128)
+        trajectory = epoch_dir.sampled.load_trajectories([index])[0]
+        assert trajectory.latents.shape == (4, 4, 16, 16) and trajectory.log_probs.shape == (3,)
+    assert not [f for f in os.listdir(epoch_dir.sampled.folder) if f.startswith(".tmp")]
 
 
 def test_crash_mid_epoch_then_restart_equals_uninterrupted(small_config, tiny_sd, tmp_path, monkeypatch, crash_on_call):
@@ -48,20 +49,20 @@ def test_crash_mid_epoch_then_restart_equals_uninterrupted(small_config, tiny_sd
     whole, samples = run_sampling(small_config, tiny_sd)
 
     small_config.save_path = str(tmp_path / "crashed")
-    crash_on_call(experiment, "decode_images", 2)  # killed in the second batch
+    crash_on_call(sampling, "decode_images", 2)  # killed in the second batch
     with pytest.raises(KeyboardInterrupt):
         run_sampling(small_config, tiny_sd)
     monkeypatch.undo()
     crashed = ExperimentDir(small_config.save_path, small_config.exp_name).epoch(0)
-    assert crashed.published_prompts() == samples[:2]
-    first_image_time = os.path.getmtime(crashed.image_path(0))
+    assert crashed.sampled.published_prompts() == samples[:2]
+    first_image_time = os.path.getmtime(crashed.sampled.image_path(0))
 
     run_sampling(small_config, tiny_sd)
-    assert os.path.getmtime(crashed.image_path(0)) == first_image_time, "published batch was redrawn"
-    assert crashed.published_prompts() == samples
+    assert os.path.getmtime(crashed.sampled.image_path(0)) == first_image_time, "published batch was redrawn"
+    assert crashed.sampled.published_prompts() == samples
     for index in range(len(samples)):
-        assert np.array_equal(np.asarray(Image.open(crashed.image_path(index))), np.asarray(Image.open(whole.image_path(index))))
-        assert (crashed.load_trajectory(index)["latents"] == whole.load_trajectory(index)["latents"]).all()
+        assert np.array_equal(np.asarray(Image.open(crashed.sampled.image_path(index))), np.asarray(Image.open(whole.sampled.image_path(index))))
+        assert (crashed.sampled.load_trajectories([index]).latents[0] == whole.sampled.load_trajectories([index]).latents[0]).all()
 
 
 def test_tiny_config_builds_its_model_on_first_use(tiny_config, tmp_path):
@@ -153,19 +154,19 @@ def test_an_inline_scorer_that_cannot_load_fails_before_any_sampling(tiny_config
 
 def test_a_published_sample_with_a_missing_or_damaged_file_is_regenerated(small_config, tiny_sd, caplog):
     epoch_dir, samples = run_sampling(small_config, tiny_sd)
-    images = [np.asarray(Image.open(epoch_dir.image_path(i))) for i in range(len(samples))]
-    latents = [epoch_dir.load_trajectory(i)["latents"].clone() for i in range(len(samples))]  # not the mapped file
-    second_batch = {i: os.path.getmtime(epoch_dir.image_path(i)) for i in (2, 3)}
-    os.remove(epoch_dir.image_path(1))
-    with open(epoch_dir.trajectory_path(0), "r+b") as f:
+    images = [np.asarray(Image.open(epoch_dir.sampled.image_path(i))) for i in range(len(samples))]
+    latents = [epoch_dir.sampled.load_trajectories([i]).latents[0].clone() for i in range(len(samples))]  # not the mapped file
+    second_batch = {i: os.path.getmtime(epoch_dir.sampled.image_path(i)) for i in (2, 3)}
+    os.remove(epoch_dir.sampled.image_path(1))
+    with open(epoch_dir.sampled.trajectory_path(0), "r+b") as f:
         f.truncate(100)
 
-    with caplog.at_level("WARNING", logger="d_fusion.experiment"):
+    with caplog.at_level("WARNING", logger="d_fusion.stages"):
         run_sampling(small_config, tiny_sd)
-    warnings = [r.getMessage() for r in caplog.records if r.name == "d_fusion.experiment" and r.levelname == "WARNING"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "d_fusion.stages" and r.levelname == "WARNING"]
     assert len(warnings) == 1 and warnings[0].startswith("epoch 0: regenerating samples 0-1 from their seeds: ")
     for i in range(len(samples)):  # every sample regenerates exactly from its seed
-        assert np.array_equal(np.asarray(Image.open(epoch_dir.image_path(i))), images[i])
-        assert torch.equal(epoch_dir.load_trajectory(i)["latents"], latents[i])
-    assert {i: os.path.getmtime(epoch_dir.image_path(i)) for i in (2, 3)} == second_batch
-    assert epoch_dir.published_prompts() == samples
+        assert np.array_equal(np.asarray(Image.open(epoch_dir.sampled.image_path(i))), images[i])
+        assert torch.equal(epoch_dir.sampled.load_trajectories([i]).latents[0], latents[i])
+    assert {i: os.path.getmtime(epoch_dir.sampled.image_path(i)) for i in (2, 3)} == second_batch
+    assert epoch_dir.sampled.published_prompts() == samples

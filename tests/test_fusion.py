@@ -3,13 +3,14 @@ import os
 import pytest
 import torch
 
-from d_fusion import fusion
+from d_fusion import stages
+from d_fusion.datadir import ExperimentDir
 from d_fusion.errors import UserError
-from d_fusion.experiment import sample_epoch
-from d_fusion.fusion import FusionSettings, check_fusion_inputs, fuse_epoch, fused_sampling
+from d_fusion.fusion import FusionBatch, FusionSettings, fused_sampling
+from d_fusion.stages import Run, check_fusion_inputs, fuse_epoch, sample_epoch
 from d_fusion.injection import parse_injection
 from d_fusion.masks import PromptObjects, item_selection
-from d_fusion.sampling import encode_prompts, sample_generators, sample_trajectories
+from d_fusion.sampling import SamplerSettings, encode_prompts, sample_generators, sample_trajectories
 
 PROMPT = "a dog driving a car"
 SEED, EPOCH, N = 42, 0, 8  # sample j's generator: seed + epoch * N + j
@@ -18,7 +19,7 @@ SEED, EPOCH, N = 42, 0, 8  # sample j's generator: seed + epoch * N + j
 def settings(num_steps=4, inject_component="T,T,T,T,T,F", inject_t=None, inject_l="3-6,3-6,3-6,3-6,3-6,", **kwargs):
     inject_t = inject_t if inject_t is not None else f"0-{num_steps - 2}," * 5
     return FusionSettings(
-        parse_injection(inject_component, inject_t, inject_l), num_steps, 1.0, 5.0, True, **kwargs
+        parse_injection(inject_component, inject_t, inject_l), SamplerSettings(num_steps, 1.0, 5.0, True), **kwargs
     )
 
 
@@ -31,17 +32,18 @@ def fuse(sd, fusion_settings, references=(0,), bases=(5, 6), guide=(0, 0), thres
     prompts = [PROMPT] * len(references)
     objects = {PROMPT: PromptObjects((1, 4), thresholds)}
     weights, item_thresholds = item_selection(sd.tokenizer, prompts, objects, 77)
-    return fused_sampling(
-        sd.unet, sd.scheduler, encode_prompts(sd, prompts), encode_prompts(sd, [""]), generators(references),
-        generators(bases), torch.tensor(guide), weights, item_thresholds, fusion_settings,
+    batch = FusionBatch(
+        encode_prompts(sd, prompts), generators(references), generators(bases), torch.tensor(guide), weights,
+        item_thresholds,
     )
+    return fused_sampling(sd.unet, sd.scheduler, batch, encode_prompts(sd, [""]), fusion_settings)
 
 
 def stored(sd, indices, num_steps=4):
     """Trajectories of `indices` as sampling makes them, in one batch of those samples."""
     embeds = encode_prompts(sd, [PROMPT] * len(indices))
     negative = encode_prompts(sd, [""]).expand(len(indices), -1, -1)
-    return sample_trajectories(sd, embeds, negative, generators(indices), num_steps, 1.0, 5.0, progress=False)
+    return sample_trajectories(sd, embeds, negative, generators(indices), SamplerSettings(num_steps, 1.0, 5.0), progress=False)
 
 
 def test_regenerated_reference_and_base_equal_their_stored_trajectories(tiny_sd):
@@ -119,46 +121,46 @@ def one_prompt_config(tiny_config):
 def test_fuse_epoch_writes_targets_survives_a_crash_and_reuses_them(tiny_sd, one_prompt_config, monkeypatch, crash_on_call):
     import shutil
 
-    from d_fusion.datadir import ExperimentDir, read_json
+    from d_fusion.datadir import read_json
 
     config = one_prompt_config
     config.sample.batch_size = 2
     config.sample.num_batches_per_epoch = 4
     config.fusion.batch_size = 3  # fusion in two batches of two targets (one reference each)
-    samples = [PROMPT] * 8
     objects = check_fusion_inputs(config, [PROMPT])
-    epoch_dir = ExperimentDir(config.save_path, config.exp_name).epoch(0)
-    negative = encode_prompts(tiny_sd, [""])
-    sample_epoch(config, tiny_sd, epoch_dir, 0, samples, negative)
-    whole = ExperimentDir(config.save_path, "whole").epoch(0)
+    run = Run.build(config, tiny_sd, ExperimentDir(config.save_path, config.exp_name), [PROMPT], objects)
+    whole_run = Run.build(config, tiny_sd, ExperimentDir(config.save_path, "whole"), [PROMPT], objects)
+    epoch_dir = run.experiment.epoch(0)
+    sample_epoch(run, 0)
+    whole = whole_run.experiment.epoch(0)
     shutil.copytree(epoch_dir.root, whole.root)
     scores = [0.1, 0.9, 0.5, 0.3, 0.8, 0.2, 0.4, 0.7]  # references 1, 4; bases 6, 3, 5, 0
 
     # a crash in the second batch keeps the first; the rerun makes only the second
-    calls = crash_on_call(fusion, "fused_sampling", 2)
+    calls = crash_on_call(stages, "fused_sampling", 2)
     with pytest.raises(KeyboardInterrupt):
-        fuse_epoch(config, tiny_sd, epoch_dir, 0, samples, scores, negative, objects)
+        fuse_epoch(run, 0, scores)
     assert epoch_dir.injected.published_prompts() == [PROMPT] * 2
-    pairs = fuse_epoch(config, tiny_sd, epoch_dir, 0, samples, scores, negative, objects)
+    pairs = fuse_epoch(run, 0, scores)
     assert len(calls) == 3
     monkeypatch.undo()
     whole.injected.write_scores([0.5] * 4)  # left from targets moved aside: not the new targets' scores
-    fuse_epoch(config, tiny_sd, whole, 0, samples, scores, negative, objects)
+    fuse_epoch(whole_run, 0, scores)
     assert whole.injected.read_scores() == []
 
     assert [(p.reference, p.base) for p in pairs] == [(1, 6), (1, 3), (4, 5), (4, 0)]
     assert epoch_dir.read_injected_map() == [(6, 1), (3, 1), (5, 4), (0, 4)]
     assert read_json(epoch_dir.injected.prompts_file) == [PROMPT] * 4
     for pair in pairs:
-        target = epoch_dir.load_injected_trajectory(pair.target)
-        base = epoch_dir.load_trajectory(pair.base)
-        assert target["latents"].shape == base["latents"].shape and target["log_probs"].shape == (3,)
-        assert torch.equal(target["latents"][0], base["latents"][0])  # the base's x_T
-        assert torch.equal(target["latents"], whole.load_injected_trajectory(pair.target)["latents"])
+        target = epoch_dir.injected.load_trajectories([pair.target])[0]
+        base = epoch_dir.sampled.load_trajectories([pair.base])[0]
+        assert target.latents.shape == base.latents.shape and target.log_probs.shape == (3,)
+        assert torch.equal(target.latents[0], base.latents[0])  # the base's x_T
+        assert torch.equal(target.latents, whole.injected.load_trajectories([pair.target]).latents[0])
         assert os.path.isfile(epoch_dir.injected.image_path(pair.target))
-        with open(epoch_dir.reference_image_path(pair.target), "rb") as f, open(epoch_dir.image_path(pair.reference), "rb") as g:
+        with open(epoch_dir.reference_image_path(pair.target), "rb") as f, open(epoch_dir.sampled.image_path(pair.reference), "rb") as g:
             assert f.read() == g.read()
-        with open(epoch_dir.base_image_path(pair.target), "rb") as f, open(epoch_dir.image_path(pair.base), "rb") as g:
+        with open(epoch_dir.base_image_path(pair.target), "rb") as f, open(epoch_dir.sampled.image_path(pair.base), "rb") as g:
             assert f.read() == g.read()
     masks = sorted(os.listdir(os.path.dirname(epoch_dir.mask_path(0, 0, 0))))
     assert masks == [f"{r:05d}_item{k}_t{s:02d}.png" for r in (1, 4) for k in (0, 1) for s in range(3)]
@@ -166,10 +168,10 @@ def test_fuse_epoch_writes_targets_survives_a_crash_and_reuses_them(tiny_sd, one
     def no_sampling(*args, **kwargs):
         raise AssertionError("published targets are made again")
 
-    monkeypatch.setattr(fusion, "fused_sampling", no_sampling)
-    fuse_epoch(config, tiny_sd, epoch_dir, 0, samples, scores, negative, objects)
+    monkeypatch.setattr(stages, "fused_sampling", no_sampling)
+    fuse_epoch(run, 0, scores)
     with pytest.raises(UserError, match="scores changed"):
-        fuse_epoch(config, tiny_sd, epoch_dir, 0, samples, scores[::-1], negative, objects)
+        fuse_epoch(run, 0, scores[::-1])
 
 
 def test_start_up_checks(one_prompt_config):
@@ -192,30 +194,29 @@ def test_start_up_checks(one_prompt_config):
 
 
 def test_a_published_target_with_a_missing_or_damaged_file_is_fused_again(tiny_sd, one_prompt_config, caplog):
-    from d_fusion.datadir import ExperimentDir
 
     config = one_prompt_config
     config.sample.batch_size, config.sample.num_batches_per_epoch, config.fusion.batch_size = 2, 4, 2
-    samples, scores = [PROMPT] * 8, [0.1, 0.9, 0.5, 0.3, 0.8, 0.2, 0.4, 0.7]
+    scores = [0.1, 0.9, 0.5, 0.3, 0.8, 0.2, 0.4, 0.7]
     objects = check_fusion_inputs(config, [PROMPT])
-    epoch_dir = ExperimentDir(config.save_path, config.exp_name).epoch(0)
-    negative = encode_prompts(tiny_sd, [""])
-    sample_epoch(config, tiny_sd, epoch_dir, 0, samples, negative)
-    fuse_epoch(config, tiny_sd, epoch_dir, 0, samples, scores, negative, objects)
-    made = [epoch_dir.load_injected_trajectory(t)["latents"].clone() for t in range(4)]
+    run = Run.build(config, tiny_sd, ExperimentDir(config.save_path, config.exp_name), [PROMPT], objects)
+    epoch_dir = run.experiment.epoch(0)
+    sample_epoch(run, 0)
+    fuse_epoch(run, 0, scores)
+    made = [epoch_dir.injected.load_trajectories([t]).latents[0].clone() for t in range(4)]
     untouched = {path: os.path.getmtime(path) for path in epoch_dir.target_files(0) + epoch_dir.target_files(1)}
 
-    os.remove(epoch_dir.injected_trajectory_path(2))  # chunk [2, 3]: a missing trajectory,
+    os.remove(epoch_dir.injected.trajectory_path(2))  # chunk [2, 3]: a missing trajectory,
     with open(epoch_dir.base_image_path(3), "wb") as f:  # a damaged copy of a base
         f.write(b"\x89PNG half")
-    with caplog.at_level("WARNING", logger="d_fusion.fusion"):
-        fuse_epoch(config, tiny_sd, epoch_dir, 0, samples, scores, negative, objects)
-    warnings = [r.getMessage() for r in caplog.records if r.name == "d_fusion.fusion" and r.levelname == "WARNING"]
+    with caplog.at_level("WARNING", logger="d_fusion.stages"):
+        fuse_epoch(run, 0, scores)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "d_fusion.stages" and r.levelname == "WARNING"]
     assert len(warnings) == 1 and warnings[0].startswith("epoch 0: fusing targets 2-3 again: ")
     for target in range(4):
-        remade = epoch_dir.load_injected_trajectory(target)["latents"]
+        remade = epoch_dir.injected.load_trajectories([target]).latents[0]
         torch.testing.assert_close(remade, made[target], atol=1e-5, rtol=0)
-    with open(epoch_dir.base_image_path(3), "rb") as f, open(epoch_dir.image_path(0), "rb") as g:  # target 3's base
+    with open(epoch_dir.base_image_path(3), "rb") as f, open(epoch_dir.sampled.image_path(0), "rb") as g:  # target 3's base
         assert f.read() == g.read()
     assert {path: os.path.getmtime(path) for path in untouched} == untouched  # chunk [0, 1] is not made again
     assert epoch_dir.injected.published_prompts() == [PROMPT] * 4

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from d_fusion.datadir import ExperimentDir
-from d_fusion.evaluator import score_pending
+from d_fusion.stages import score_pending
 from d_fusion.scoring import load_scorer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

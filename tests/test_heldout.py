@@ -12,8 +12,8 @@ from d_fusion.datadir import ExperimentDir, read_image
 from d_fusion.errors import UserError
 from d_fusion.heldout import HeldoutEvaluator, comparison_table, diversity, run_heldout
 from d_fusion.rewards import load_scorer_from_config
-from d_fusion.sampling import decode_images, encode_prompts, sample_generators, sample_trajectories
-from d_fusion.training import Trainer
+from d_fusion.sampling import SamplerSettings, decode_images, encode_prompts, sample_generators, sample_trajectories
+from d_fusion.stages import make_trainer
 from tests.test_rewards import clip_image_features
 
 PROMPTS = ["a cat playing chess", "a dog eating a sandwich"]
@@ -33,7 +33,7 @@ def config(tiny_config, tmp_path):
 def save_two_checkpoints(config, models):
     """checkpoint_0: fresh LoRA (B = 0, so the base model's function); checkpoint_1: non-zero LoRA."""
     experiment = ExperimentDir(config.save_path, config.exp_name)
-    trainer = Trainer(config, models)
+    trainer = make_trainer(config, models)
     save_checkpoint(trainer, experiment, 0)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -65,7 +65,7 @@ def test_checkpoints_are_scored_against_base_on_the_same_seeds(config, fresh_tin
     embeds = encode_prompts(tiny_sd, [PROMPTS[1]])
     trajectory = sample_trajectories(
         tiny_sd, embeds, encode_prompts(tiny_sd, [""]), sample_generators(config.seed, 0, num_images, [j]),
-        3, config.sample.eta, config.sample.guidance_scale, progress=False,
+        SamplerSettings(3, config.sample.eta, config.sample.guidance_scale), progress=False,
     )
     alone = decode_images(tiny_sd, trajectory.latents[:, -1])[0].astype(np.int16)
     assert np.abs(alone - pixels(base, j)).max() <= 1

@@ -1,4 +1,4 @@
-"""The release's fusion strings, parsed at start-up: ranges as SPEC section 6 defines them."""
+"""The release's fusion strings, parsed at start-up: ranges as docs/METHOD.md §6.4 defines them."""
 
 import pytest
 

@@ -39,8 +39,8 @@ def sample(epoch_dir, rng, scored):
     """Every sample of the epoch published, the first `scored` scored; returns (prompts, scores)."""
     prompts = [p for p in PROMPTS for _ in range(PER_PROMPT)]
     for i in range(len(prompts)):
-        write_image(epoch_dir.image_path(i), picture(rng))
-    epoch_dir.publish_samples(prompts)
+        write_image(epoch_dir.sampled.image_path(i), picture(rng))
+    epoch_dir.sampled.publish(prompts)
     scores = [float(s) for s in rng.uniform(0.2, 0.35, size=len(prompts))]
     epoch_dir.sampled.write_scores(scores[:scored])
     return prompts, scores
@@ -186,12 +186,12 @@ def test_rerun_redraws_only_what_changed(run):
     page_of(run)
     drawn = report_pictures(run)["epoch1/grid.png"]
     time.sleep(0.01)
-    epoch_dir.injected.publish(epoch_dir.injected.published_prompts() + [epoch_dir.published_prompts()[4]])
+    epoch_dir.injected.publish(epoch_dir.injected.published_prompts() + [epoch_dir.sampled.published_prompts()[4]])
     page_of(run)
     assert report_pictures(run)["epoch1/grid.png"] > drawn > before["epoch1/grid.png"]
 
     # epoch 1's fusion and scoring go on; epoch 0 and the training curve stay as they were
-    prompts, scores = epoch_dir.published_prompts(), epoch_dir.sampled.read_scores()
+    prompts, scores = epoch_dir.sampled.published_prompts(), epoch_dir.sampled.read_scores()
     fuse(epoch_dir, np.random.default_rng(1), prompts, scores, published=4, scored=4)
     page = page_of(run)
     after = report_pictures(run)

@@ -2,7 +2,7 @@
 
 import torch
 
-from d_fusion.sampling import encode_prompts, sample_generators, sample_seed, sample_trajectories
+from d_fusion.sampling import SamplerSettings, encode_prompts, sample_generators, sample_seed, sample_trajectories
 
 PROMPT = "a cat playing chess"
 STEPS = 4
@@ -15,9 +15,7 @@ def sample(tiny_sd, indices, prompts=None, seed=42, epoch=0, num_samples=8):
         encode_prompts(tiny_sd, prompts),
         encode_prompts(tiny_sd, [""] * len(indices)),
         sample_generators(seed, epoch, num_samples, indices),
-        num_steps=STEPS,
-        eta=1.0,
-        guidance_scale=5.0,
+        SamplerSettings(num_steps=STEPS, eta=1.0, guidance_scale=5.0),
         progress=False,
     )
 

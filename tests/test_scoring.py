@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 
 from d_fusion.datadir import ExperimentDir, write_image
 from d_fusion.errors import UserError
-from d_fusion.evaluator import score_pending
 from d_fusion.rewards import load_scorer_from_config
 from d_fusion.scoring import load_scorer
+from d_fusion.stages import score_pending
 from d_fusion.shapes import world
 from d_fusion.shapes.reward import ShapesReward, shapes_score
 from d_fusion.tiny import TINY_CLIP
@@ -95,11 +95,11 @@ def test_run_eval_scores_a_shapes_experiment_with_the_shapes_reward(tiny_config,
     rng, prompts, images = random.Random(0), [], []
     for scene in world.split_scenes("test")[:4]:
         image, _ = world.render(scene, rng)
-        write_image(epoch_dir.image_path(len(prompts)), np.asarray(image))
+        write_image(epoch_dir.sampled.image_path(len(prompts)), np.asarray(image))
         prompts.append(world.caption(scene))
         images.append(image)
-    epoch_dir.publish_samples(prompts)
+    epoch_dir.sampled.publish(prompts)
     assert score_pending(ShapesReward(), experiment, batch_size=3) == 4
-    expected = [shapes_score(Image.open(epoch_dir.image_path(j)), p) for j, p in enumerate(prompts)]
+    expected = [shapes_score(Image.open(epoch_dir.sampled.image_path(j)), p) for j, p in enumerate(prompts)]
     assert epoch_dir.sampled.read_scores() == pytest.approx(expected)
     assert min(expected) > 0.9

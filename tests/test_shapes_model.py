@@ -16,7 +16,7 @@ from d_fusion.datadir import ExperimentDir
 from d_fusion.experiment import run_experiment
 from d_fusion.models import load_models
 from d_fusion.prompts import read_prompt_file
-from d_fusion.sampling import decode_images, encode_prompts, sample_generators, sample_trajectories
+from d_fusion.sampling import SamplerSettings, decode_images, encode_prompts, sample_generators, sample_trajectories
 from d_fusion.shapes.quality import object_ious, sample_with_masks
 from d_fusion.shapes.reward import shapes_score
 from d_fusion.shapes.train import build_text_encoder, build_unet
@@ -45,7 +45,7 @@ def sample_scores(models, prompts, seed=0):
     generators = sample_generators(seed, 0, len(prompts), range(len(prompts)))
     trajectories = sample_trajectories(
         models, encode_prompts(models, prompts), encode_prompts(models, [""]).expand(len(prompts), -1, -1),
-        generators, 20, 1.0, 5.0, progress=False,
+        generators, SamplerSettings(20, 1.0, 5.0), progress=False,
     )
     images = decode_images(models, trajectories.latents[:, -1])
     return [shapes_score(Image.fromarray(image), prompt) for image, prompt in zip(images, prompts)]

@@ -6,8 +6,8 @@ seeded `seed + j`, and prints, per prompt set:
 - the mean shapes reward and the fraction of fully aligned samples (both references and bases
   exist when it lies between 20% and 80%);
 - the mean IoU between each object's fusion mask (its tokens' cross-attention at the mask layers,
-  averaged over layers and heads, binarised at a threshold: exactly what fusion uses, SPEC
-  section 6) and the object's region in the final image, over the objects the reward finds, at
+  averaged over layers and heads, binarised at a threshold: exactly what fusion uses, docs/METHOD.md
+  §6.2) and the object's region in the final image, over the objects the reward finds, at
   every step and at the last, for several thresholds.
 """
 
@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from d_fusion.fusion import FusionSettings, fused_sampling
+from d_fusion.fusion import FusionBatch, fused_sampling
 from d_fusion.masks import item_selection, load_objects
 from d_fusion.sampling import decode_images, encode_prompts, sample_generators
+from d_fusion.stages import fusion_settings
 from d_fusion.shapes import world
 from d_fusion.shapes.reward import find_regions, fully_aligned, match, shapes_score, thing_confidence
 
@@ -31,7 +32,7 @@ def sample_with_masks(models, config, prompts, seed, thresholds=THRESHOLDS):
     """Plain samples of `prompts` (one each, generator `seed + j`) and each object's mask at each step
     for each threshold: (images (B, H, W, 3) uint8, masks (B, T, I, K, g, g) bool).
 
-    The samples are the references of a fused sampling (regenerated unchanged, SPEC section 6), whose
+    The samples are the references of a fused sampling (regenerated unchanged, docs/METHOD.md §6), whose
     objects are listed K times, once per threshold; one throwaway target keeps the pass cheap.
     """
     objects = load_objects(config, prompts)
@@ -41,11 +42,8 @@ def sample_with_masks(models, config, prompts, seed, thresholds=THRESHOLDS):
     weights = weights.repeat_interleave(len(thresholds), dim=1)  # (B, I * K, 77)
     levels = torch.tensor(thresholds).repeat(len(prompts), count)  # (B, I * K)
     generators = sample_generators(seed, 0, len(prompts), range(len(prompts)))
-    fused = fused_sampling(
-        models.unet, models.scheduler, embeds, encode_prompts(models, [""]), generators,
-        sample_generators(seed, 0, len(prompts), [0]), torch.tensor([0]), weights, levels,
-        FusionSettings.from_config(config),
-    )
+    batch = FusionBatch(embeds, generators, sample_generators(seed, 0, len(prompts), [0]), torch.tensor([0]), weights, levels)
+    fused = fused_sampling(models.unet, models.scheduler, batch, encode_prompts(models, [""]), fusion_settings(config))
     images = decode_images(models, fused.references.latents[:, -1])
     masks = fused.reference_masks.unflatten(2, (count, len(thresholds)))  # (B, T, I, K, g, g)
     return images, masks

@@ -28,7 +28,7 @@ with A_k the head-averaged attention probability of object k's shape noun over t
     L_pixel = BCE(A_k(q), [m_k(q) > 1/2])                 (and dominates the object's pixels)
 
 weighted by `--ground-weight` and added to the epsilon loss. This is what SD's web-scale training
-gives for free: cross-attention maps that cover their objects (SPEC section 6 reads its masks from
+gives for free: cross-attention maps that cover their objects (docs/METHOD.md §6.2 reads its masks from
 them).
 
 Seeded and resumable: the state is saved to OUT.work/ every `--save-every` steps and a rerun

@@ -1,0 +1,339 @@
+"""The trainer (docs/METHOD.md §7): the LoRA policy, its optimizer, and one epoch of DPO or DDPO updates.
+
+The policy is the UNet with LoRA adapters; the reference policy is the same UNet with the adapters
+disabled (no second copy). Both run plain attention with CFG when `train.cfg`. The log-probability
+of a stored transition x_t -> x_{t'} is docs/METHOD.md §3.2's, evaluated at the stored x_{t'}.
+
+Optimisation: each pair (DPO) or sample (DDPO) contributes a random subset of its steps;
+`train.batch_size * train.gradient_accumulation_steps` of them, one after another, make one
+optimizer step (the loss is the mean over their timesteps). `num_inner_epochs` reshuffled passes.
+
+Data-parallel (`accelerate launch --num_processes K`): `train.batch_size` is per process, so a step
+takes K times as many items; each process takes its share of them, and the LoRA gradients are
+summed over the processes before the step, so every process takes the same step and keeps the
+same weights. Every process draws the same shuffles and timesteps from the same generator.
+"""
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from d_fusion import distributed
+from d_fusion.ddim import ddim_step_mean, ddim_step_with_logprob, step_std
+from d_fusion.errors import UserError
+from d_fusion.objectives import dpo_loss, dpok_loss, ppo_loss
+from d_fusion.sampling import Trajectories, encode_prompts, guided_noise
+
+log = logging.getLogger(__name__)
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+# ---------------------------------------------------------------- policy and reference
+
+
+def add_lora(unet, rank, seed):
+    """LoRA adapters (B = 0: the policy starts equal to the reference; A drawn from `seed`, the global
+    RNG left as it was); returns the trainable params, in fp32."""
+    unet.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=LORA_TARGETS))
+    cast_training_params(unet, dtype=torch.float32)
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def lora_state_dict(unet):
+    """The UNet's LoRA weights, named as `load_lora_weights` reads them (without the "unet." prefix)."""
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def load_lora_state_dict(unet, weights):
+    """Set the UNet's LoRA adapter from `lora_state_dict`'s format; returns the keys that did not fit
+    ([] when all did). Raises RuntimeError on a shape mismatch (another rank or model)."""
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(weights))
+    missing_lora = [k for k in result.missing_keys if "lora_" in k]
+    return list(result.unexpected_keys) + missing_lora if weights else ["(no weights)"]
+
+
+@contextlib.contextmanager
+def reference_policy(unet):
+    """The UNet with its adapters disabled, for the duration of the block."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+@dataclass
+class Policy:
+    """Everything needed to score a stored transition under the current UNet."""
+
+    models: object  # StableDiffusion
+    negative_embeds: torch.Tensor  # (1, 77, D): the empty prompt
+    sampler: object  # SamplerSettings of the trajectories (with train.cfg as its cfg)
+
+    def transition(self, latents, timesteps, step, prompt_embeds):
+        """log p(x_{t'} | x_t, c) at `step` of trajectories latents (B, T+1, C, H, W), and the noise prediction.
+
+        Returns (log_prob (B,), noise_pred (B, C, H, W)); differentiable through the LoRA weights.
+        """
+        device, batch, sampler = self.models.device, latents.shape[0], self.sampler
+        x_t, x_next = latents[:, step].to(device), latents[:, step + 1].to(device)
+        t = timesteps[step].to(device)
+        noise_pred = guided_noise(
+            self.models.unet,
+            x_t,
+            t,
+            prompt_embeds,
+            self.negative_embeds.expand(batch, -1, -1),
+            sampler.guidance_scale,
+            cfg=sampler.cfg,
+        )
+        _, log_prob, _ = ddim_step_with_logprob(
+            self.models.scheduler, noise_pred, t, x_t, sampler.eta, prev_sample=x_next
+        )
+        return log_prob, noise_pred
+
+    def step_mean(self, noise_pred, latents, timesteps, step):
+        """The mean (B, C, H, W) and std (B, 1, 1, 1) of the step from x_t (docs/METHOD.md §3.1), given the noise prediction."""
+        x_t, t = latents[:, step].to(self.models.device), timesteps[step].to(self.models.device)
+        mean, std, _ = ddim_step_mean(self.models.scheduler, noise_pred, t, x_t, self.sampler.eta)
+        return mean, std
+
+    def reference_transition(self, latents, timesteps, step, prompt_embeds):
+        with torch.no_grad(), reference_policy(self.models.unet):
+            return self.transition(latents, timesteps, step, prompt_embeds)
+
+    def set_timesteps(self):
+        """The scheduler's step spacing, which `transition` uses for t' (sampling sets the same)."""
+        self.models.scheduler.set_timesteps(self.sampler.num_steps, device=self.models.device)
+
+    def trainable_steps(self):
+        """The step indices whose std is > 0: a step with std 0 (onto a final alpha of 1) has no
+        log-probability and is never trained on (docs/METHOD.md §3.3)."""
+        self.set_timesteps()
+        scheduler = self.models.scheduler
+        return [j for j, t in enumerate(scheduler.timesteps) if step_std(scheduler, t.cpu(), self.sampler.eta) > 0]
+
+    @torch.no_grad()
+    def trajectory_log_probs(self, trajectories, prompt_embeds):
+        """Log-probs (B, T) of every step of stored trajectories under the current policy."""
+        self.set_timesteps()
+        steps = range(trajectories.timesteps.shape[0])
+        return torch.stack(
+            [self.transition(trajectories.latents, trajectories.timesteps, j, prompt_embeds)[0] for j in steps], dim=1
+        ).cpu()
+
+
+def train_timesteps(steps, fraction, generator):
+    """The first floor(len(steps) * fraction) of a random permutation of `steps` (step indices)."""
+    steps = list(steps)
+    return [steps[i] for i in torch.randperm(len(steps), generator=generator)[: int(len(steps) * fraction)].tolist()]
+
+
+# ---------------------------------------------------------------- the epoch's training data
+
+
+@dataclass
+class PreferencePairs:
+    """DPO data: pair k is (preferred[k] = target (or reference), dispreferred[k] = base), both of prompt
+    prompt_embeds[k]."""
+
+    preferred: Trajectories  # (K, T+1, C, H, W)
+    dispreferred: Trajectories
+    prompt_embeds: torch.Tensor  # (K, 77, D)
+
+    def __len__(self):
+        return self.prompt_embeds.shape[0]
+
+
+@dataclass
+class ScoredSamples:
+    """DDPO data: trajectories with their old log-probs (in `trajectories.log_probs`) and advantages."""
+
+    trajectories: Trajectories  # (N, T+1, C, H, W), log_probs (N, T) = logp_old
+    prompt_embeds: torch.Tensor  # (N, 77, D)
+    advantages: torch.Tensor  # (N,)
+
+    def __len__(self):
+        return self.prompt_embeds.shape[0]
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+class MetricsSum:
+    """Running sums of per-timestep statistics."""
+
+    def __init__(self):
+        self.sums, self.counts = {}, {}
+
+    def add(self, name, values):
+        values = values.detach().float()
+        self.sums[name] = self.sums.get(name, 0.0) + values.sum().item()
+        self.counts[name] = self.counts.get(name, 0) + values.numel()
+
+    def means(self):
+        return {name: self.sums[name] / self.counts[name] for name in self.sums}
+
+    @staticmethod
+    def total(parts):
+        """The sums of several MetricsSum (one per process)."""
+        total = MetricsSum()
+        for part in parts:
+            for name in part.sums:
+                total.sums[name] = total.sums.get(name, 0.0) + part.sums[name]
+                total.counts[name] = total.counts.get(name, 0) + part.counts[name]
+        return total
+
+
+class Trainer:
+    """The LoRA policy, its optimizer and the accelerator; `train_pairs` / `train_samples` run one epoch.
+
+    train: the `config.train` block (algorithm, loss and optimisation settings); sampler: the
+    SamplerSettings the trajectories were made with; make_optimizer(params) -> the optimizer.
+    """
+
+    def __init__(self, models, train, sampler, seed, mixed_precision, make_optimizer):
+        self.train, self.models, self.seed = train, models, seed
+        on_cpu = models.device.type == "cpu"
+        self.accelerator = Accelerator(
+            mixed_precision="no" if on_cpu else mixed_precision, cpu=on_cpu, device_placement=False
+        )
+        self.params = add_lora(models.unet, train.lora_rank, seed)
+        if train.gradient_checkpointing:
+            models.unet.enable_gradient_checkpointing()
+        self.optimizer = self.accelerator.prepare(make_optimizer(self.params))
+        self.policy = Policy(models, encode_prompts(models, [""]), sampler)
+        log.info(
+            "LoRA rank %d: %d trainable parameters (%s, %s)",
+            train.lora_rank,
+            sum(p.numel() for p in self.params),
+            train.algorithm,
+            self.accelerator.mixed_precision,
+        )
+
+    # --- state, for checkpoints ---
+    def state_dict(self):
+        """{"lora": the LoRA weights (load_lora_weights' names), "lora_rank", "optimizer": its state_dict,
+        "grad_scaler": the fp16 gradient scaler's state or None}."""
+        scaler = self.accelerator.scaler
+        return dict(
+            lora=lora_state_dict(self.models.unet),
+            lora_rank=self.train.lora_rank,
+            optimizer=self.optimizer.state_dict(),
+            grad_scaler=scaler.state_dict() if scaler is not None else None,
+        )
+
+    def load_state_dict(self, state):
+        """Restore `state_dict`'s output. Raises ValueError naming what does not fit this trainer."""
+        if state["lora_rank"] != self.train.lora_rank:
+            raise ValueError(f"LoRA rank {state['lora_rank']}, this run's train.lora_rank is {self.train.lora_rank}")
+        try:
+            misfits = load_lora_state_dict(self.models.unet, state["lora"])
+        except RuntimeError as error:  # a shape mismatch
+            raise ValueError(f"LoRA weights that do not fit this UNet ({error})") from None
+        if misfits:
+            raise ValueError(f"LoRA weights that do not match this UNet's LoRA layers ({misfits[:3]})")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError) as error:
+            raise ValueError(
+                f"an optimizer state that does not fit this run's optimizer ({error}): "
+                "use the checkpoint's settings (train.use_8bit_adam, train.lora_rank)"
+            ) from None
+        scaler = self.accelerator.scaler
+        if scaler is not None and state["grad_scaler"] is not None:
+            scaler.load_state_dict(state["grad_scaler"])
+
+    # --- one epoch ---
+    def check_steps(self, trajectories):
+        """Stored trajectories must have the sampler's number of steps: t' depends on the spacing."""
+        num_steps = self.policy.sampler.num_steps
+        if len(trajectories.timesteps) != num_steps:
+            raise UserError(
+                f"the epoch's trajectories have {len(trajectories.timesteps)} steps but config.sample.num_steps is "
+                f"{num_steps}: rerun with the sampling settings the epoch was made with"
+            )
+
+    def epoch_generator(self, epoch):
+        """The generator of an epoch's shuffles and timestep subsets: a function of (seed, epoch), so resume is exact."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+
+    def optimize(self, num_items, timestep_loss, epoch):
+        """`num_inner_epochs` shuffled passes over items 0..num_items-1; returns the mean statistics.
+
+        timestep_loss(item, step) -> (loss (B,), stats) for one training timestep of one item.
+        """
+        train = self.train
+        generator = self.epoch_generator(epoch)
+        metrics = MetricsSum()
+        steps = self.policy.trainable_steps()
+        group_size = train.batch_size * train.gradient_accumulation_steps * distributed.world_size()
+        for _ in range(train.num_inner_epochs):
+            order = torch.randperm(num_items, generator=generator)
+            for group in order.split(group_size):
+                # every process draws every item's timesteps (one random stream), then trains on its share
+                item_steps = [(i, train_timesteps(steps, train.timestep_fraction, generator)) for i in group.tolist()]
+                for item, item_steps_j in distributed.shard(item_steps):
+                    for step in item_steps_j:
+                        with self.accelerator.autocast():
+                            loss, stats = timestep_loss(item, step)
+                        self.accelerator.backward(loss.mean() / (len(group) * len(item_steps_j)))
+                        metrics.add("loss", loss)
+                        for name, values in stats.items():
+                            metrics.add(name, values)
+                distributed.sum_gradients(self.params)  # the group's mean gradient on every process
+                self.accelerator.clip_grad_norm_(self.params, train.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        metrics = MetricsSum.total(distributed.gather(metrics))
+        return metrics.means() | {"lr": self.optimizer.param_groups[0]["lr"]}
+
+    def train_pairs(self, pairs, epoch):
+        """DPO on the epoch's (target, base) pairs; returns the epoch's training metrics."""
+        train = self.train
+        timesteps = pairs.preferred.timesteps
+        self.check_steps(pairs.preferred)
+
+        def timestep_loss(k, step):
+            latents = torch.stack([pairs.preferred.latents[k], pairs.dispreferred.latents[k]])  # (2, T+1, C, H, W)
+            embeds = pairs.prompt_embeds[k : k + 1].expand(2, -1, -1).to(self.models.device)
+            log_prob, noise = self.policy.transition(latents, timesteps, step, embeds)
+            ref_log_prob, ref_noise = self.policy.reference_transition(latents, timesteps, step, embeds)
+            log_ratio = log_prob - ref_log_prob  # (2,): [w, l]
+            return dpo_loss(log_ratio[:1], log_ratio[1:], noise[:1], ref_noise[:1], train.alpha, train.beta, train.eps)
+
+        return self.optimize(len(pairs), timestep_loss, epoch)
+
+    def train_samples(self, samples, epoch):
+        """DDPO (PPO-clip), or DPOK (PPO-clip and the KL to the reference), on the epoch's scored samples;
+        returns the epoch's training metrics."""
+        train, policy = self.train, self.policy
+        trajectories = samples.trajectories
+        timesteps = trajectories.timesteps
+        self.check_steps(trajectories)
+
+        def timestep_loss(i, step):
+            embeds = samples.prompt_embeds[i : i + 1].to(self.models.device)
+            latents = trajectories.latents[i : i + 1]
+            log_prob, noise = policy.transition(latents, timesteps, step, embeds)
+            old_log_prob = trajectories.log_probs[i : i + 1, step].to(log_prob.device)
+            advantage = samples.advantages[i : i + 1].to(log_prob.device)
+            if train.algorithm == "ddpo":
+                return ppo_loss(log_prob, old_log_prob, advantage, train.eps)
+            _, ref_noise = policy.reference_transition(latents, timesteps, step, embeds)
+            mean, std = policy.step_mean(noise, latents, timesteps, step)
+            ref_mean, _ = policy.step_mean(ref_noise, latents, timesteps, step)
+            return dpok_loss(log_prob, old_log_prob, advantage, mean, ref_mean, std, train.eps, train.kl_weight)
+
+        return self.optimize(len(samples), timestep_loss, epoch)
