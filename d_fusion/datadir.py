@@ -543,11 +543,6 @@ class HeldoutDir:
     def model(self, name):
         return HeldoutModelDir(os.path.join(self.root, name))
 
-    def models(self):
-        """The models whose results are complete."""
-        names = sorted(os.listdir(self.root)) if os.path.isdir(self.root) else []
-        return [m for m in map(self.model, names) if os.path.isfile(m.settings_file)]
-
     @property
     def table_csv(self):
         return os.path.join(self.root, "table.csv")

@@ -57,13 +57,17 @@ def build_tiny(config, *paths):
             build_missing(path, config.tiny_cache)
 
 
-def weights_file(spec, field):
-    """A weights file: a local path, or `org/repo/file` on the Hugging Face hub (downloaded on first use)."""
+def weights_file(spec, field, published):
+    """A weights file: a local path, or `org/repo/file` on the Hugging Face hub (downloaded on first use).
+    `published`: where users get it, for the message when it is neither."""
     if os.path.isfile(spec):
         return spec
     parts = spec.split("/")
     if len(parts) < 3 or spec.startswith((".", "/", "~")):
-        raise UserError(f"config.{field} = {spec!r}: no such file (pass a weights file, or org/repo/file on the hub)")
+        raise UserError(
+            f"config.{field} = {spec!r}: no such file. Download {published} and pass its path (or org/repo/file on "
+            "the hub)"
+        )
     try:
         return huggingface_hub.hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]), etag_timeout=HUB_TIMEOUT)
     except Exception as error:  # no network, an unknown repo or file: the hub's and httpx's error types
@@ -145,7 +149,7 @@ class HpsScorer(ClipScorer):
     def from_config(cls, config):
         ev = config.eval
         build_tiny(config, ev.hpsv2_architecture, ev.hpsv2_checkpoint)
-        checkpoint = weights_file(ev.hpsv2_checkpoint, "eval.hpsv2_checkpoint")
+        checkpoint = weights_file(ev.hpsv2_checkpoint, "eval.hpsv2_checkpoint", "HPS_v2.1_compressed.pt (xswu/HPSv2)")
         return load_hps(ev.hpsv2_architecture, checkpoint, resolve_device(distributed.device_id(config.dev_id)))
 
     @staticmethod
@@ -232,7 +236,8 @@ class AestheticScorer:
     def from_config(cls, config):
         ev = config.eval
         build_tiny(config, ev.aesthetic_clip, ev.aesthetic_model)
-        head = aesthetic_head(weights_file(ev.aesthetic_model, "eval.aesthetic_model"))
+        published = "sac+logos+ava1-l14-linearMSE.pth (github.com/christophschuhmann/improved-aesthetic-predictor)"
+        head = aesthetic_head(weights_file(ev.aesthetic_model, "eval.aesthetic_model", published))
         fields = ("eval.aesthetic_clip", "eval.aesthetic_clip_pretrained")
         dev_id = distributed.device_id(config.dev_id)
         clip = load_scorer(ev.aesthetic_clip, ev.aesthetic_clip_pretrained, dev_id, fields)

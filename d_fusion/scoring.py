@@ -93,7 +93,7 @@ def load_scorer(model, pretrained="", dev_id=0, fields=("eval.model", "eval.pret
     schema, _ = open_clip.factory.parse_model_name(name)
     if not schema and not pretrained:
         raise UserError(
-            f"config.{fields[1]} is empty, so the CLIP model {model!r} would score with random weights: pass "
+            f"config.{fields[1]} is empty, so the CLIP scorer {model!r} would score with random weights: pass "
             "a pretrained tag (laion2B-s32B-b79K for ViT-H-14) or a checkpoint file, or an open_clip folder as "
             f"config.{fields[0]}"
         )
@@ -101,9 +101,9 @@ def load_scorer(model, pretrained="", dev_id=0, fields=("eval.model", "eval.pret
         name,
         None if schema else pretrained,
         device,
-        f"could not load the CLIP model config.{fields[0]} = {model!r}, config.{fields[1]} = {pretrained!r}",
+        f"could not load the CLIP scorer config.{fields[0]} = {model!r}, config.{fields[1]} = {pretrained!r}",
         "Pass an open_clip architecture and pretrained tag (downloaded on first use), an architecture and a "
         "checkpoint file, or an open_clip folder",
     )
-    log.info("loaded CLIP model %s (%s) on %s", model, pretrained if not schema else "its own weights", device)
+    log.info("loaded CLIP scorer %s (%s) on %s", model, pretrained if not schema else "its own weights", device)
     return ClipScorer(clip, preprocess, tokenizer, device)

@@ -104,7 +104,8 @@ class Policy:
         return log_prob, noise_pred
 
     def step_mean(self, noise_pred, latents, timesteps, step):
-        """The mean (B, C, H, W) and std (B, 1, 1, 1) of the step from x_t (docs/METHOD.md §3.1), given the noise prediction."""
+        """The mean (B, C, H, W) and std (B, 1, 1, 1) of the step from x_t (docs/METHOD.md §3.1), given the
+        noise prediction."""
         x_t, t = latents[:, step].to(self.models.device), timesteps[step].to(self.models.device)
         mean, std, _ = ddim_step_mean(self.models.scheduler, noise_pred, t, x_t, self.sampler.eta)
         return mean, std
