@@ -121,14 +121,23 @@ def release_config():
 
 def project_config(config):
     """Fields this project adds to the release's (defaults keep the release's behaviour)."""
-    # build the tiny random-weight models into `tiny_cache` when `pretrained.model` (or `eval.model`) is
-    # <tiny_cache>/sd (<tiny_cache>/clip) and missing; a path elsewhere is never built
+    # build the tiny random-weight models into `tiny_cache` when `pretrained.model` (or a reward's model)
+    # is <tiny_cache>/sd (<tiny_cache>/clip, /pickscore, /hpsv2/..., /aesthetic/...) and missing; a path
+    # elsewhere is never built
     config.pretrained.tiny = False  # True: build the missing tiny test models (see above)
     config.tiny_cache = "./.cache/tiny"  # where the tiny models are built
     config.threads = 0  # torch CPU threads; 0 leaves torch's default
 
-    # --- training (METHOD.md §7) ---
-    config.train.algorithm = "dpo"  # "dpo": trajectory DPO on (target, base) pairs; "ddpo": PPO-clip on scores
+    # --- training (METHOD.md §7, §8) ---
+    # "dpo": trajectory DPO on (target, base) pairs; "ddpo": PPO-clip on scores; "dpok": DDPO's PPO-clip
+    # plus train.kl_weight x the closed-form KL of each step to the pretrained model (METHOD.md §8)
+    config.train.algorithm = "dpo"
+    config.train.kl_weight = 0.01  # dpok: the weight of the KL penalty
+    # ddpo/dpok advantages: 0 standardises each prompt's scores within the epoch; N > 0 uses ddpo-pytorch's
+    # per-prompt stat tracking: the mean and std of the prompt's last N scores across epochs (this epoch's
+    # included), or of the whole epoch's scores while the prompt has fewer than stat_min_count of them
+    config.train.stat_buffer = 0
+    config.train.stat_min_count = 16
     # what DPO prefers over each base: "target" (D-Fusion's visually consistent pair) or "reference"
     # (the paper's baseline: the ordinary well-aligned sample, visually inconsistent with the base)
     config.train.preferred = "target"
@@ -142,14 +151,30 @@ def project_config(config):
 
     # --- scoring (METHOD.md §5): run_eval.py, or the sampler itself with eval.inline ---
     config.eval = ev = ml_collections.ConfigDict()
-    # what scores an image against its prompt (d_fusion/scoring.py: REWARDS): "clip" (the release's
-    # CLIP score, with the model below) or "shapes" (the exact reward of the shapes world)
+    # what scores an image against its prompt (d_fusion/rewards.py: REWARDS): "clip" (the release's
+    # CLIP score, with the model below), "pickscore", "hpsv2", "aesthetic" (their models below) or
+    # "shapes" (the exact reward of the shapes world); or a weighted sum, "clip:1.0,pickscore:0.5".
+    # Score files record it; a rerun with another reward stops at start-up (not in RERUN_MAY_CHANGE)
     ev.reward = "clip"
     # open_clip architecture name with a pretrained tag or checkpoint file, or an open_clip folder
     # (open_clip_config.json + weights; "local-dir:" optional; "hf-hub:org/repo" also works).
     # With pretrained.tiny, a missing <tiny_cache>/clip is built like the tiny diffusion model (nothing else).
     ev.model = "ViT-H-14"
     ev.pretrained = "laion2B-s32B-b79K"  # ignored when `model` is a folder or hub id
+    # PickScore: a transformers CLIPModel and its CLIPProcessor (folders or hub ids), as PickScore_v1 ships
+    ev.pickscore_model = "yuvalkirstain/PickScore_v1"
+    ev.pickscore_processor = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    # HPS v2: an open_clip architecture name (or an open_clip model config .json file) and an HPS
+    # checkpoint: a file, or org/repo/file on the hub (xswu/HPSv2 also holds HPS_v2_compressed.pt, v2.0)
+    ev.hpsv2_architecture = "ViT-H-14"
+    ev.hpsv2_checkpoint = "xswu/HPSv2/HPS_v2.1_compressed.pt"
+    # LAION aesthetic predictor: its CLIP (open_clip name and pretrained tag, or a folder) and its head's
+    # weights: a file or org/repo/file. The improved predictor's MLP (sac+logos+ava1-l14-linearMSE.pth) is
+    # published at github.com/christophschuhmann/improved-aesthetic-predictor; LAION's linear v1
+    # (sa_0_4_vit_l_14_linear.pth) at github.com/LAION-AI/aesthetic-predictor: download it and pass its path
+    ev.aesthetic_clip = "ViT-L-14"
+    ev.aesthetic_clip_pretrained = "openai"
+    ev.aesthetic_model = "sac+logos+ava1-l14-linearMSE.pth"
     ev.batch_size = 8  # images per CLIP forward pass; scores are saved after each batch
     ev.inline = False  # True: the sampler scores its own images; False: it waits for run_eval.py
     ev.poll_interval = 2.0  # seconds between looks at data/<exp_name>/ (scorer and waiting sampler)
@@ -181,6 +206,12 @@ def project_config(config):
     # "" evaluates the base model only; a checkpoint folder (checkpoints/checkpoint_<k>) adds it; a folder
     # of checkpoints adds each of them. Results already on disk with the same settings are reused.
     heldout.checkpoint = ""
+    # the rewards every held-out image is scored with, comma-separated names ("clip,pickscore,hpsv2");
+    # "" scores with the training reward (eval.reward, a weighted sum too). Each needs its model (eval.*)
+    heldout.rewards = ""
+    # also report each model's diversity: per prompt, the mean pairwise 1 - cosine of its images' CLIP image
+    # embeddings (the clip reward's eval.model), averaged over prompts; needs images_per_prompt >= 2
+    heldout.diversity = True
     config.report = report = ml_collections.ConfigDict()
     report.each_epoch = False  # the sampler also updates data/<exp_name>/report/ after every epoch
     report.watch = False  # run_report.py keeps updating the report until the sampler has finished
@@ -234,6 +265,12 @@ def tiny(config):
     # references: `--config.tiny_cache DIR` moves both models
     config.pretrained.model = config.get_ref("tiny_cache") + "/sd"
     config.eval.model = config.get_ref("tiny_cache") + "/clip"
+    config.eval.pickscore_model = config.get_ref("tiny_cache") + "/pickscore"
+    config.eval.pickscore_processor = config.get_ref("tiny_cache") + "/pickscore"
+    config.eval.hpsv2_architecture = config.get_ref("tiny_cache") + "/hpsv2/tiny-hps.json"
+    config.eval.hpsv2_checkpoint = config.get_ref("tiny_cache") + "/hpsv2/HPS_v2.1_compressed.pt"
+    config.eval.aesthetic_clip = config.get_ref("tiny_cache") + "/clip"
+    config.eval.aesthetic_model = config.get_ref("tiny_cache") + "/aesthetic/sac+logos+ava1-l14-linearMSE.pth"
     config.eval.inline = True
     config.mixed_precision = "no"
     config.threads = 1
@@ -281,6 +318,7 @@ def shapes(config):
     config.heldout.prompt_file = "config/prompt/shapes_test.json"
     config.heldout.images_per_prompt = 4
     config.heldout.batch_size = 16
+    config.heldout.diversity = False  # no CLIP model offline (eval.model is ViT-H-14, a download)
     config.report.each_epoch = True  # data/<exp_name>/report/index.html after every epoch
     config.report.thumbnail = 96
     return config

@@ -108,9 +108,10 @@ def check_model_path(name):
 HUB_TIMEOUT = 20  # seconds to reach the hub before a hub id that is not downloaded yet fails
 
 
-def check_hub_reachable(model, revision):
+def check_hub_reachable(model, revision, field="pretrained.model", folder="sd21"):
     """A hub id that is not in the local cache must be downloadable: one look at the hub, at most
-    HUB_TIMEOUT seconds, instead of from_pretrained's minutes of retries without a network."""
+    HUB_TIMEOUT seconds, instead of from_pretrained's minutes of retries without a network.
+    `field`: the setting that names it; `folder`: the download folder the message suggests."""
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         return  # from_pretrained reads the cache only, and fails at once without it
     try:
@@ -122,9 +123,9 @@ def check_hub_reachable(model, revision):
         huggingface_hub.model_info(model, revision=revision, timeout=HUB_TIMEOUT)
     except Exception as error:  # no network, a timeout, an unknown id: the hub's and httpx's error types
         raise UserError(
-            f"config.pretrained.model = {model!r} is not downloaded and the Hugging Face hub cannot give it "
+            f"config.{field} = {model!r} is not downloaded and the Hugging Face hub cannot give it "
             f"({type(error).__name__}: {error}). Download it on a machine with a network (e.g. hf "
-            f"download {model} --local-dir sd21) and pass its folder: --config.pretrained.model sd21"
+            f"download {model} --local-dir {folder}) and pass its folder: --config.{field} {folder}"
         ) from None
 
 

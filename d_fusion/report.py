@@ -118,12 +118,28 @@ def read_epoch(experiment, k):
     return EpochView(k, epoch_dir, prompts, scores, target_scores, rows)
 
 
-def heldout_means(experiment):
-    """{prompt set: {model: mean held-out score}} of every complete held-out result."""
+def heldout_tables(experiment):
+    """{prompt set: its held-out table ({"rows", "rewards"})} of every prompt set run_heldout.py has a table of."""
     return {
-        name: {m.name: mean(m.images.read_scores()) for m in experiment.heldout(name).models()}
+        name: experiment.heldout(name).read_table()
         for name in experiment.heldout_sets()
+        if os.path.exists(experiment.heldout(name).table_json)
     }
+
+
+def heldout_means(tables):
+    """{prompt set: {model: mean held-out score by the table's first reward}}, and that reward's label."""
+    means, first = {}, None
+    for name, table in tables.items():
+        first = first or table["rewards"][0]
+        prefix = f"{table['rewards'][0]}: "
+        overall = table["rows"][-1]  # "all prompts"
+        means[name] = {
+            column[len(prefix) :]: value
+            for column, value in overall.items()
+            if column.startswith(prefix) and not column.endswith((" - base", " wins"))
+        }
+    return means, first
 
 
 # ---------------------------------------------------------------- pictures: overlays and grids
@@ -261,8 +277,8 @@ def training_curve(metrics):
     return figure
 
 
-def heldout_curve(means):
-    """Held-out mean score of each checkpoint_<k> at epoch k; the base model as a dashed line."""
+def heldout_curve(means, reward):
+    """Held-out mean score (by `reward`) of each checkpoint_<k> at epoch k; the base model as a dashed line."""
     if not means:
         return None
     figure, (axis,) = _figure(1)
@@ -274,7 +290,7 @@ def heldout_curve(means):
             colour = line[0].get_color() if line else None
             axis.axhline(models["base"], linestyle="--", color=colour, label=f"{prompt_set}: base model")
     readable_y(axis, [mean for models in means.values() for mean in models.values()], SCORE_SPAN)
-    axis.set(xlabel="epoch of the checkpoint", ylabel="mean CLIP score", title="held-out prompts")
+    axis.set(xlabel="epoch of the checkpoint", ylabel=f"mean {reward} score", title="held-out prompts")
     axis.legend()
     return figure
 
@@ -294,15 +310,15 @@ def draw_curves(experiment, views):
     """{name: PNG path or None} of the clip, training and heldout curves."""
     report = experiment.report
     score_files = [f for v in views for f in (v.folder.sampled.scores_file, v.folder.injected.scores_file)]
-    heldout_files = [
-        m.settings_file for name in experiment.heldout_sets() for m in experiment.heldout(name).models()
-    ]
+    heldout_files = [experiment.heldout(name).table_json for name in experiment.heldout_sets()]
     return dict(
         clip=update_curve(report.curves("clip"), score_files, lambda: clip_curve(views)),
         training=update_curve(
             report.curves("training"), [experiment.metrics_file], lambda: training_curve(experiment.read_metrics())
         ),
-        heldout=update_curve(report.curves("heldout"), heldout_files, lambda: heldout_curve(heldout_means(experiment))),
+        heldout=update_curve(
+            report.curves("heldout"), heldout_files, lambda: heldout_curve(*heldout_means(heldout_tables(experiment)))
+        ),
     )
 
 
@@ -393,11 +409,8 @@ def table_html(rows):
 def heldout_html(experiment):
     """Per prompt set: the overall row, then the per-prompt table folded."""
     parts = []
-    for name in experiment.heldout_sets():
-        results = experiment.heldout(name)
-        if not os.path.exists(results.table_json):
-            continue
-        rows = results.read_table()  # per prompt, then "all prompts"
+    for name, table in heldout_tables(experiment).items():
+        rows = table["rows"]  # per prompt, then "all prompts"
         parts += [
             f"<h3>{html.escape(name)}</h3>",
             table_html(rows[-1:]),

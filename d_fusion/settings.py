@@ -8,7 +8,7 @@ check. Both run before any model loads.
 `record_or_compare` writes data/<exp_name>/config.json at an experiment's first start (the whole
 config, the package versions and the project's git commit); a rerun compares its settings with
 the recorded ones and stops, listing every changed field, unless the field is one of
-`config.config.RERUN_MAY_CHANGE`.
+`config.config.RERUN_MAY_CHANGE`; `compare_scoring` holds run_eval.py to the recorded eval.* settings.
 """
 
 import importlib.metadata
@@ -84,6 +84,9 @@ DOMAINS = {
     "train.num_checkpoint_limit": integer(1),
     "train.begin_epoch": integer(0),
     "train.lora_rank": integer(1),
+    "train.kl_weight": at_least(0),
+    "train.stat_buffer": integer(0),
+    "train.stat_min_count": integer(0),
     "eval.no_scorer_timeout": at_least(0),
     "eval.debug_batch_delay": at_least(0),
     "fusion.mask_resolution": integer(0),
@@ -179,6 +182,17 @@ def recorded_config(config_file):
     return record["config"]
 
 
+def refuse_changes(experiment, changes):
+    """Stop, listing each changed field, when `changes` ([(field, old, new)]) is not empty."""
+    if changes:
+        listed = "; ".join(f"{field}: {old!r} -> {new!r}" for field, old, new in changes)
+        raise UserError(
+            f"{experiment.root} was made with other settings ({experiment.config_file}): {listed}. Rerun with "
+            "the recorded settings, or use a new exp_name (settings that may change between runs: "
+            "RERUN_MAY_CHANGE in config/config.py)"
+        )
+
+
 def record_or_compare(config, experiment):
     """At the first start, write config.json; on a rerun, stop when a setting that shapes results changed."""
     current = plain_config(config)
@@ -189,11 +203,12 @@ def record_or_compare(config, experiment):
         write_json(experiment.config_file, record)
         log.info("settings recorded in %s", experiment.config_file)
         return
-    changes = changed_settings(recorded_config(experiment.config_file), current)
-    if changes:
-        listed = "; ".join(f"{field}: {old!r} -> {new!r}" for field, old, new in changes)
-        raise UserError(
-            f"{experiment.root} was made with other settings ({experiment.config_file}): {listed}. Rerun with "
-            "the recorded settings, or use a new exp_name (settings that may change between runs: "
-            "RERUN_MAY_CHANGE in config/config.py)"
-        )
+    refuse_changes(experiment, changed_settings(recorded_config(experiment.config_file), current))
+
+
+def compare_scoring(config, experiment):
+    """run_eval.py on an experiment the sampler has recorded: the eval.* settings that decide the scores
+    (the reward and its models) must be the recorded ones."""
+    if os.path.exists(experiment.config_file):
+        changes = changed_settings(recorded_config(experiment.config_file), plain_config(config))
+        refuse_changes(experiment, [change for change in changes if change[0].startswith("eval.")])

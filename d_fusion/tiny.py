@@ -17,6 +17,13 @@ transformer scaled down (joint blocks, the first two with SD 3.5's extra image-o
 the two CLIP text encoders with projection and the real CLIP tokenizer, a 16-channel VAE, SD 3.5's
 flow-matching scheduler config; T5 is left out, as `StableDiffusion3Pipeline` allows (`t5=True`:
 a one-layer T5 encoder with a small SentencePiece-unigram T5 tokenizer).
+
+And the other rewards' models (d_fusion/rewards.py), each in the format its users download:
+- `OUT_DIR/pickscore`: a transformers `CLIPModel` + `CLIPProcessor` folder, as PickScore_v1 ships;
+- `OUT_DIR/hpsv2`: an open_clip model config (`tiny-hps.json`, the architecture) and an HPS-style
+  checkpoint `HPS_v2.1_compressed.pt` (`{"state_dict": ...}`, a torch pickle);
+- `OUT_DIR/aesthetic`: the improved LAION aesthetic predictor's MLP head (`layers.<i>` Linear layers,
+  dropouts between), widths scaled down, on the tiny CLIP's image embeddings, as a `.pth` state dict.
 """
 
 import gzip
@@ -39,6 +46,10 @@ from diffusers import (
 )
 from safetensors.torch import save_file
 from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
@@ -265,6 +276,56 @@ def build_tiny_clip(folder, seed=0):
         json.dump(dict(model_cfg=TINY_CLIP, preprocess_cfg=preprocess), f, indent=1)
 
 
+def build_tiny_pickscore(folder, seed=0):
+    """Write a tiny PickScore (transformers CLIPModel + CLIPProcessor folder, PickScore_v1's format)."""
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=text_config(49408).to_dict(),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            image_size=32, patch_size=8,
+        ),
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    with tempfile.TemporaryDirectory() as scratch:
+        CLIPProcessor(image_processor=image_processor, tokenizer=build_tokenizer(scratch)).save_pretrained(folder)
+
+
+TINY_HPS_ARCHITECTURE = "tiny-hps.json"  # an open_clip model config: its name is the file's stem
+TINY_HPS_CHECKPOINT = "HPS_v2.1_compressed.pt"
+
+
+def build_tiny_hps(folder, seed=1):
+    """Write a tiny HPS: an open_clip architecture (ViT-H-14's design scaled down) and an HPS-format
+    checkpoint of it (`torch.save({"state_dict": ...})`, as HPS_v2.1_compressed.pt is)."""
+    torch.manual_seed(seed)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, TINY_HPS_ARCHITECTURE), "w") as f:
+        json.dump(TINY_CLIP, f, indent=1)
+    torch.save(dict(state_dict=open_clip.CLIP(**TINY_CLIP).state_dict()), os.path.join(folder, TINY_HPS_CHECKPOINT))
+
+
+TINY_AESTHETIC = "sac+logos+ava1-l14-linearMSE.pth"  # the improved aesthetic predictor's file name
+AESTHETIC_WIDTHS = (64, 16, 8, 4)  # the published head's 1024, 128, 64, 16, scaled down
+
+
+def build_tiny_aesthetic(folder, seed=0):
+    """Write a tiny aesthetic head: the improved predictor's layers (Linear, Dropout, Linear, Dropout,
+    Linear, Dropout, Linear, Linear) on the tiny CLIP's embed_dim, as a state dict `.pth`."""
+    torch.manual_seed(seed)
+    widths = (TINY_CLIP["embed_dim"], *AESTHETIC_WIDTHS, 1)
+    linear = [torch.nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:])]
+    dropout = torch.nn.Dropout
+    layers = torch.nn.Sequential(
+        linear[0], dropout(0.2), linear[1], dropout(0.2), linear[2], dropout(0.1), linear[3], linear[4]
+    )
+    os.makedirs(folder, exist_ok=True)
+    state = {f"layers.{key}": value for key, value in layers.state_dict().items()}
+    torch.save(state, os.path.join(folder, TINY_AESTHETIC))
+
+
 def _build_atomically(build, folder):
     """Build `folder` unless it exists, whole or not at all: a reader never sees half a model."""
     if not os.path.isdir(folder):
@@ -275,20 +336,29 @@ def _build_atomically(build, folder):
 
 def build_tiny_models(out_dir):
     """Build every tiny model into `out_dir` (each only if missing); returns `out_dir`."""
-    _build_atomically(build_tiny_sd, os.path.join(out_dir, "sd"))
-    _build_atomically(build_tiny_clip, os.path.join(out_dir, "clip"))
+    for name, build in TINY_MODELS.items():
+        _build_atomically(build, os.path.join(out_dir, name))
     return out_dir
 
 
-TINY_MODELS = ("sd", "clip")  # the folders build_tiny_models writes
+# the folders build_tiny_models writes
+TINY_MODELS = dict(
+    sd=build_tiny_sd,
+    clip=build_tiny_clip,
+    pickscore=build_tiny_pickscore,
+    hpsv2=build_tiny_hps,
+    aesthetic=build_tiny_aesthetic,
+)
 
 
-def build_missing(folder, tiny_cache):
-    """Build the tiny models into `tiny_cache` when `folder` is one of them (`tiny_cache/sd` or
-    `tiny_cache/clip`) and does not exist. Any other folder is left alone: a mistyped model path
-    fails to load instead of getting a random model, and nothing is written outside `tiny_cache`."""
-    parent, name = os.path.split(os.path.abspath(folder))
-    if name in TINY_MODELS and parent == os.path.abspath(tiny_cache) and not os.path.isdir(folder):
+def build_missing(path, tiny_cache):
+    """Build the tiny models into `tiny_cache` when `path` is one of them or a file in one
+    (`tiny_cache/sd`, `tiny_cache/hpsv2/HPS_v2.1_compressed.pt`, ...) and that model's folder does not
+    exist. Any other path is left alone: a mistyped model path fails to load instead of getting a
+    random model, and nothing is written outside `tiny_cache`."""
+    relative = os.path.relpath(os.path.abspath(path), os.path.abspath(tiny_cache))
+    name = relative.split(os.sep)[0]
+    if name in TINY_MODELS and not os.path.isdir(os.path.join(tiny_cache, name)):
         build_tiny_models(tiny_cache)
 
 

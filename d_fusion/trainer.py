@@ -26,10 +26,10 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from d_fusion import distributed
-from d_fusion.ddim import ddim_step_with_logprob, step_std
+from d_fusion.ddim import ddim_step_mean, ddim_step_with_logprob, step_std
 from d_fusion.errors import UserError
 from d_fusion.families import Conditioning
-from d_fusion.objectives import dpo_loss, ppo_loss
+from d_fusion.objectives import dpo_loss, dpok_loss, ppo_loss
 from d_fusion.sampling import Trajectories, guided_noise, negative_conditioning
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,13 @@ class Policy:
             self.models.scheduler, noise_pred, t, x_t, sampler.eta, prev_sample=x_next
         )
         return log_prob, noise_pred
+
+    def step_mean(self, noise_pred, latents, timesteps, step):
+        """The mean (B, C, H, W) and std (B, 1, 1, 1) of the step from x_t (docs/METHOD.md §3.1), given the
+        noise prediction."""
+        x_t, t = latents[:, step].to(self.models.device), timesteps[step].to(self.models.device)
+        mean, std, _ = ddim_step_mean(self.models.scheduler, noise_pred, t, x_t, self.sampler.eta)
+        return mean, std
 
     def reference_transition(self, latents, timesteps, step, conditioning):
         with torch.no_grad(), reference_policy(self.models.unet):
@@ -311,15 +318,24 @@ class Trainer:
         return self.optimize(len(pairs), timestep_loss, epoch)
 
     def train_samples(self, samples, epoch):
-        """DDPO (PPO-clip) on the epoch's scored samples; returns the epoch's training metrics."""
+        """DDPO (PPO-clip), or DPOK (PPO-clip and the KL to the reference), on the epoch's scored samples;
+        returns the epoch's training metrics."""
+        train, policy = self.train, self.policy
         trajectories = samples.trajectories
+        timesteps = trajectories.timesteps
         self.check_steps(trajectories)
 
         def timestep_loss(i, step):
             conditioning = samples.conditioning[i : i + 1].to(self.models.device)
-            log_prob, _ = self.policy.transition(trajectories.latents[i : i + 1], trajectories.timesteps, step, conditioning)
+            latents = trajectories.latents[i : i + 1]
+            log_prob, noise = policy.transition(latents, timesteps, step, conditioning)
             old_log_prob = trajectories.log_probs[i : i + 1, step].to(log_prob.device)
             advantage = samples.advantages[i : i + 1].to(log_prob.device)
-            return ppo_loss(log_prob, old_log_prob, advantage, self.train.eps)
+            if train.algorithm == "ddpo":
+                return ppo_loss(log_prob, old_log_prob, advantage, train.eps)
+            _, ref_noise = policy.reference_transition(latents, timesteps, step, conditioning)
+            mean, std = policy.step_mean(noise, latents, timesteps, step)
+            ref_mean, _ = policy.step_mean(ref_noise, latents, timesteps, step)
+            return dpok_loss(log_prob, old_log_prob, advantage, mean, ref_mean, std, train.eps, train.kl_weight)
 
         return self.optimize(len(samples), timestep_loss, epoch)
