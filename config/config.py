@@ -18,7 +18,8 @@ Variants (`--config config/config.py:<name>`):
 - `shapes`: the offline demo that shows the method working: the trained toy model shipped at
   assets/shapes/ and the exact shapes reward, on the CPU in a few minutes;
 - `tiny`: the fast test setting: a tiny random-weight Stable Diffusion and a tiny CLIP scorer,
-  built on first use into `tiny_cache`.
+  built on first use into `tiny_cache`;
+- `tiny_sd3`: the same on a tiny random-weight SD 3.5 (joint-attention transformer, flow matching).
 """
 
 import ml_collections
@@ -122,11 +123,15 @@ def release_config():
 def project_config(config):
     """Fields this project adds to the release's (defaults keep the release's behaviour)."""
     # build the tiny random-weight models into `tiny_cache` when `pretrained.model` (or a reward's model)
-    # is <tiny_cache>/sd (<tiny_cache>/clip, /pickscore, /hpsv2/..., /aesthetic/...) and missing; a path
+    # is <tiny_cache>/sd or /sd3 (<tiny_cache>/clip, /pickscore, /hpsv2/..., /aesthetic/...) and missing; a path
     # elsewhere is never built
     config.pretrained.tiny = False  # True: build the missing tiny test models (see above)
     config.tiny_cache = "./.cache/tiny"  # where the tiny models are built
     config.threads = 0  # torch CPU threads; 0 leaves torch's default
+    # SD 3 / 3.5 only (METHOD.md §10): the stochastic flow step's noise level a, std = a * sqrt(sigma / (1 -
+    # sigma)); 0 is the scheduler's Euler step (no log-probability: must be > 0 to train); 0.7 is
+    # Flow-GRPO's. SD 3 ignores sample.eta, the UNets ignore this
+    config.sample.noise_level = 0.7
 
     # --- training (METHOD.md §7, §8) ---
     # "dpo": trajectory DPO on (target, base) pairs; "ddpo": PPO-clip on scores; "dpok": DDPO's PPO-clip
@@ -197,6 +202,13 @@ def project_config(config):
     # targets, 0.52x at 16) and holds more keys and values in memory
     fusion.batch_size = 8
     fusion.base_masks = False  # also regenerate each base (one more UNet pass per step) to save its masks
+    # SD 3 / 3.5 only (METHOD.md §10): the transformer blocks (0..N-1, forward order, "lo-hi" inclusive)
+    # whose image-token K and V fuse, where inject_t's self-attention Q entry says (inject_l, a UNet's
+    # block numbers, does not apply); "": the second half, N//2..N-1 (SD 3.5 Medium: 12-23)
+    fusion.blocks = ""
+    # SD 3 / 3.5 only: the blocks whose image-to-text attention gives the object masks (fusion.mask_resolution
+    # does not apply: the masks are on the image-token grid); "": the middle third, N//3..2N//3-1 (Medium: 8-15)
+    fusion.mask_blocks = ""
 
     # --- held-out evaluation and report: run_heldout.py, run_report.py ---
     config.heldout = heldout = ml_collections.ConfigDict()
@@ -224,7 +236,7 @@ def get_config(variant=None):
     config = project_config(release_config())
     if variant in (None, ""):
         return config
-    variants = {"tiny": tiny, "shapes": shapes, "release_full": release_full}
+    variants = {"tiny": tiny, "tiny_sd3": tiny_sd3, "shapes": shapes, "release_full": release_full}
     if variant not in variants:
         raise ValueError(f"unknown config variant {variant!r}; known: {', '.join(variants)}")
     return variants[variant](config)
@@ -288,6 +300,16 @@ def tiny(config):
     config.train.num_epochs = 2
     config.train.num_inner_epochs = 1
     config.train.save_interval = 1
+    return config
+
+
+def tiny_sd3(config):
+    """`tiny` on a tiny random-weight SD 3.5 (d_fusion/tiny.py: joint-attention blocks, the first two
+    dual-attention, two CLIPs, no T5), built on first use into `tiny_cache`/sd3."""
+    config = tiny(config)
+    config.pretrained.model = config.get_ref("tiny_cache") + "/sd3"
+    # 77 CLIP + 256 (zero) T5 tokens: a uniform map is ~1/333 a token; 0.003 keeps part of each object's map
+    config.mask_thr = 0.003
     return config
 
 

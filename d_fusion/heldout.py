@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from d_fusion.checkpoints import checkpoints_at, load_lora
+from d_fusion.checkpoints import checkpoints_at, load_lora, lora_prefix
 from d_fusion.datadir import ExperimentDir, mean, read_image, read_json, score_text, write_json
 from d_fusion.errors import UserError
 from d_fusion.logs import setup_logging
@@ -27,7 +27,7 @@ from d_fusion.prompts import EpochLayout, read_prompt_file, warn_long_prompts
 from d_fusion.rewards import REWARDS, check_reward, load_scorer_from_config, parse_reward, reward_label, reward_settings
 from d_fusion.sampling import encode_prompts, negative_conditioning, sample_images
 from d_fusion.stages import sampler_settings
-from d_fusion.trainer import add_lora
+from d_fusion.trainer import add_model_lora
 
 log = logging.getLogger(__name__)
 
@@ -115,22 +115,23 @@ class HeldoutEvaluator:
             seed=config.seed,
             num_steps=sample.num_steps,
             eta=sample.eta,
+            noise_level=sample.noise_level,
             guidance_scale=sample.guidance_scale,
             cfg=sample.cfg,
         )
 
     def use_weights(self, checkpoint):
-        """The UNet as the base model (adapters off) or with the checkpoint's LoRA."""
-        unet = self.models().unet
+        """The UNet (SD 3: the transformer) as the base model (adapters off) or with the checkpoint's LoRA."""
+        models = self.models()
         if checkpoint is None:
             if self._has_lora:
-                unet.disable_adapters()
+                models.denoiser.disable_adapters()
             return
         if not self._has_lora:
-            add_lora(unet, read_json(checkpoint.state_file, "checkpoint state")["lora_rank"], self.config.seed)
+            add_model_lora(models, read_json(checkpoint.state_file, "checkpoint state")["lora_rank"], self.config.seed)
             self._has_lora = True
-        unet.enable_adapters()
-        load_lora(unet, checkpoint.lora_weights)
+        models.denoiser.enable_adapters()
+        load_lora(models.denoiser, checkpoint.lora_weights, lora_prefix(models.family))
 
     def evaluate(self, model_dir, checkpoint):
         """({reward label: the score of every held-out image, image order}, {prompt: diversity} or None) of a

@@ -1,7 +1,9 @@
-"""Loading Stable Diffusion's parts from a diffusers folder or hub id: SD 1.x / 2.x, SDXL, or a tiny model.
+"""Loading Stable Diffusion's parts from a diffusers folder or hub id: SD 1.x / 2.x, SDXL, SD 3 / 3.5, or a
+tiny model.
 
-The family (d_fusion/families.py) comes from the folder's model_index.json; DDIM is built from the
-folder's scheduler config whatever scheduler the pipeline ships (SDXL's is Euler).
+The family (d_fusion/families.py) comes from the folder's model_index.json and loads its parts
+(SD 3's: `sd3.load_sd3_models`); for the UNet families DDIM is built from the folder's scheduler
+config whatever scheduler the pipeline ships (SDXL's is Euler).
 """
 
 import logging
@@ -20,12 +22,47 @@ from d_fusion.families import FAMILIES
 
 log = logging.getLogger(__name__)
 
-PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # every family's (SDXL adds its second CLIP)
+PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")  # every family's, with its unet/ or transformer/
 TEXT_ENCODERS = dict(text_encoder=CLIPTextModel, text_encoder_2=CLIPTextModelWithProjection)
 
 
+class LatentModel:
+    """What every family's parts share: sizes from the denoiser's config, the family's pipeline on them."""
+
+    @property
+    def denoiser(self):
+        """The UNet, or SD 3's transformer."""
+        return getattr(self, self.family.denoiser)
+
+    @property
+    def latent_shape(self):
+        """(C, H, W) of one latent."""
+        size = self.denoiser.config.sample_size
+        return (self.denoiser.config.in_channels, size, size)
+
+    @property
+    def vae_scale_factor(self):
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self):
+        return self.denoiser.config.sample_size * self.vae_scale_factor
+
+    def pipeline(self):
+        """The family's diffusers pipeline on these very parts (with its own scheduler: DDIM, or SD 3's flow
+        matching one)."""
+        pipeline = self.family.pipeline_class(
+            vae=self.vae,
+            scheduler=type(self.scheduler).from_config(self.scheduler.config),
+            **{self.family.denoiser: self.denoiser},
+            **self.family.pipeline_parts(self),
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+
 @dataclass
-class StableDiffusion:
+class StableDiffusion(LatentModel):
     family: type  # a family of d_fusion/families.py
     unet: UNet2DConditionModel
     vae: AutoencoderKL
@@ -37,31 +74,6 @@ class StableDiffusion:
     text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL
     tokenizer_2: CLIPTokenizer | None = None
     force_zeros_for_empty_prompt: bool = False  # SDXL: the unconditional conditioning is zeros
-
-    @property
-    def latent_shape(self):
-        """(C, H, W) of one latent."""
-        size = self.unet.config.sample_size
-        return (self.unet.config.in_channels, size, size)
-
-    @property
-    def vae_scale_factor(self):
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def resolution(self):
-        return self.unet.config.sample_size * self.vae_scale_factor
-
-    def pipeline(self):
-        """The family's diffusers pipeline on these very parts (with its own DDIM scheduler)."""
-        pipeline = self.family.pipeline_class(
-            vae=self.vae,
-            unet=self.unet,
-            scheduler=DDIMScheduler.from_config(self.scheduler.config),
-            **self.family.pipeline_parts(self),
-        )
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline
 
 
 def resolve_device(dev_id):
@@ -94,7 +106,8 @@ def check_model_path(name):
         if missing:
             raise UserError(
                 f"config.pretrained.model = {name!r} is a folder but lacks {', '.join(p + '/' for p in missing)}: "
-                "pass a diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+                "pass a diffusers Stable Diffusion folder (unet/ or transformer/, vae/, text_encoder/, tokenizer/, "
+                "scheduler/)"
             )
         return
     if not _looks_like_hub_id(name):
@@ -145,11 +158,16 @@ def model_family(model, revision="main"):
 
 
 def load_models(model, revision="main", mixed_precision="fp16", dev_id=0):
-    """Every part of Stable Diffusion, frozen, on the device, in the inference dtype."""
+    """Every part of the model's family, frozen, on the device, in the inference dtype."""
     check_model_path(model)
     if not os.path.isdir(model):
         check_hub_reachable(model, revision)
     family, index = model_family(model, revision)
+    return family.load(model, revision, mixed_precision, dev_id, index)
+
+
+def load_unet_models(family, model, revision, mixed_precision, dev_id, index):
+    """A UNet family's parts (`StableDiffusion`), DDIM's scheduler from the folder's config."""
     device = resolve_device(dev_id)
     dtype = inference_dtype(mixed_precision, device)
     kwargs = {} if os.path.isdir(model) else {"revision": revision}

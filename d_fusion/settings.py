@@ -22,6 +22,7 @@ import time
 from config.config import RERUN_MAY_CHANGE
 from d_fusion.datadir import is_number, read_json, write_json
 from d_fusion.errors import UserError
+from d_fusion.injection import _range
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,20 @@ def thresholds():
     return accepts, "a number in [0, 1] or a list of such numbers (one per object)"
 
 
+def block_range():
+    """fusion.blocks, fusion.mask_blocks: "" (the default) or "lo-hi" with 0 <= lo <= hi (the transformer's
+    number of blocks is checked when it loads)."""
+    def accepts(v):
+        if not isinstance(v, str):
+            return False
+        try:
+            return v == "" or _range(v, "") is not None
+        except UserError:
+            return False
+
+    return accepts, 'a block range "lo-hi" with 0 <= lo <= hi, or "" for the default'
+
+
 # field -> (accepts(value), what the value must be)
 DOMAINS = {
     "mixed_precision": one_of("fp16", "bf16", "no"),
@@ -70,6 +85,7 @@ DOMAINS = {
     "sample.num_steps": integer(1),
     "sample.eta": at_least(0),
     "sample.guidance_scale": at_least(0),
+    "sample.noise_level": at_least(0),
     "train.learning_rate": above(0),
     "train.adam_beta1": interval(0, 1, open_hi=True),
     "train.adam_beta2": interval(0, 1, open_hi=True),
@@ -90,6 +106,8 @@ DOMAINS = {
     "eval.no_scorer_timeout": at_least(0),
     "eval.debug_batch_delay": at_least(0),
     "fusion.mask_resolution": integer(0),
+    "fusion.blocks": block_range(),
+    "fusion.mask_blocks": block_range(),
     "report.poll_interval": above(0),
     "report.thumbnail": integer(1),
 }

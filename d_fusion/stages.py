@@ -24,7 +24,7 @@ from d_fusion.checkpoints import checkpoints_at, resume, save_epoch_checkpoint
 from d_fusion.datadir import damaged_units, mean, read_image, write_image
 from d_fusion.errors import UserError
 from d_fusion.families import Conditioning
-from d_fusion.fusion import FusionBatch, FusionSettings, fused_sampling
+from d_fusion.fusion import FusionBatch, FusionSettings
 from d_fusion.injection import injection_from_config
 from d_fusion.masks import item_selection, load_objects, mask_picture
 from d_fusion.objectives import per_prompt_advantages
@@ -54,7 +54,9 @@ PREFERRED = ("target", "reference")  # train.preferred: what DPO prefers over th
 def sampler_settings(config, cfg=None):
     """The sampling's SamplerSettings; `cfg` overrides sample.cfg (training's train.cfg)."""
     sample = config.sample
-    return SamplerSettings(sample.num_steps, sample.eta, sample.guidance_scale, sample.cfg if cfg is None else cfg)
+    return SamplerSettings(
+        sample.num_steps, sample.eta, sample.guidance_scale, sample.cfg if cfg is None else cfg, sample.noise_level
+    )
 
 
 def epoch_layout(config, prompts):
@@ -68,6 +70,8 @@ def fusion_settings(config):
         mask_resolution=config.fusion.mask_resolution,
         use_mask=config.fusion.use_mask,
         base_pass=config.fusion.base_masks and config.fusion.use_mask,
+        blocks=config.fusion.blocks,
+        mask_blocks=config.fusion.mask_blocks,
     )
 
 
@@ -76,7 +80,7 @@ class Run:
     """What the stages of every epoch share, built once at start-up."""
 
     config: object
-    models: object  # StableDiffusion
+    models: object  # StableDiffusion, sd3.StableDiffusion3
     experiment: object  # ExperimentDir
     layout: EpochLayout
     objects: dict  # {prompt: PromptObjects}, from check_fusion_inputs
@@ -126,8 +130,6 @@ def check_train_config(config):
         raise UserError(f"config.train.algorithm = {train.algorithm!r}; use one of {', '.join(ALGORITHMS)}")
     if train.preferred not in PREFERRED:
         raise UserError(f"config.train.preferred = {train.preferred!r}; use one of {', '.join(PREFERRED)}")
-    if config.sample.eta <= 0:
-        raise UserError("config.sample.eta must be > 0 to train: with eta = 0 DDIM steps have no log-probability")
     if train.stat_buffer and train.stat_min_count > train.stat_buffer:
         raise UserError(
             f"config.train.stat_min_count = {train.stat_min_count} exceeds config.train.stat_buffer = "
@@ -447,7 +449,7 @@ def fuse_pairs(run, epoch, pairs):
     """Make the targets of `pairs` and write them, copies of their references and bases, and the masks."""
     epoch_dir, models, sample_prompts = run.experiment.epoch(epoch), run.models, run.layout.sample_prompts
     batch, references = fusion_batch(run, epoch, pairs)
-    fused = fused_sampling(models.unet, models.scheduler, batch, run.negative, run.fusion)
+    fused = models.family.fused_sampling(models, batch, run.negative, run.fusion)
     targets = [p.target for p in pairs]
     epoch_dir.injected.save_images(targets, decode_images(models, fused.targets.latents[:, -1]))
     epoch_dir.injected.save_trajectories(targets, fused.targets)
@@ -489,9 +491,20 @@ def make_optimizer(config, params):
     )
 
 
+def check_stochastic_steps(config, family):
+    """Training needs the family's steps to have a log-probability: sample.eta (SD 3: sample.noise_level) > 0."""
+    level = family.solver().level
+    if config.sample[level] <= 0:
+        raise UserError(
+            f"config.sample.{level} must be > 0 to train on {family.name}: with {level} = 0 its steps have no "
+            "log-probability"
+        )
+
+
 def make_trainer(config, models):
-    """The Trainer of `config` (LoRA added to models.unet in place)."""
+    """The Trainer of `config` (LoRA added to models.unet, or SD 3's transformer, in place)."""
     check_train_config(config)
+    check_stochastic_steps(config, models.family)
     return Trainer(
         models,
         config.train,

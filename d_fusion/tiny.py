@@ -1,6 +1,6 @@
 """Tiny random-weight models with the real architectures, for tests and the offline demo.
 
-`python -m d_fusion.tiny OUT_DIR` writes `OUT_DIR/sd`: a Stable Diffusion in the standard
+`python -m d_fusion.tiny OUT_DIR` writes `OUT_DIR/sd` (and `OUT_DIR/sd3`, below): a Stable Diffusion in the standard
 diffusers folder format, with SD 2.1 base's topology scaled down (three cross-attention down
 blocks and a plain one, a cross-attention mid block, mirrored up blocks, linear projections,
 several heads, epsilon prediction, SD's DDIM scheduler config) and a real CLIP BPE tokenizer
@@ -12,7 +12,7 @@ image tower, a transformer text tower with CLIP's BPE vocabulary), random weight
 local folder format (`open_clip_config.json` + `open_clip_model.safetensors`). The scorer loads
 it as `local-dir:OUT_DIR/clip`, exactly as it loads a downloaded open_clip checkpoint folder.
 
-`build_tiny_sd3(FOLDER)` writes a tiny Stable Diffusion 3.5 (docs/METHOD.md §10): SD 3.5 Medium's
+`build_tiny_sd3(FOLDER)` (`OUT_DIR/sd3`) writes a tiny Stable Diffusion 3.5 (docs/METHOD.md §10): SD 3.5 Medium's
 transformer scaled down (joint blocks, the first two with SD 3.5's extra image-only attention),
 the two CLIP text encoders with projection and the real CLIP tokenizer, a 16-channel VAE, SD 3.5's
 flow-matching scheduler config; T5 is left out, as `StableDiffusion3Pipeline` allows (`t5=True`:
@@ -280,7 +280,7 @@ def build_tiny_pickscore(folder, seed=0):
     """Write a tiny PickScore (transformers CLIPModel + CLIPProcessor folder, PickScore_v1's format)."""
     torch.manual_seed(seed)
     config = CLIPConfig(
-        text_config=text_config(49408).to_dict(),
+        text_config=clip_text_config(49408).to_dict(),
         vision_config=dict(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
             image_size=32, patch_size=8,
@@ -344,6 +344,7 @@ def build_tiny_models(out_dir):
 # the folders build_tiny_models writes
 TINY_MODELS = dict(
     sd=build_tiny_sd,
+    sd3=build_tiny_sd3,
     clip=build_tiny_clip,
     pickscore=build_tiny_pickscore,
     hpsv2=build_tiny_hps,

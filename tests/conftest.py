@@ -74,13 +74,9 @@ def crash_on_call(monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def tiny_sd3_dir(tmp_path_factory):
-    """A folder with the tiny SD 3.5 (diffusers format, no T5) written by `tiny.build_tiny_sd3`."""
-    from d_fusion.tiny import build_tiny_sd3
-
-    folder = str(tmp_path_factory.mktemp("tiny_sd3") / "sd3")
-    build_tiny_sd3(folder)
-    return folder
+def tiny_sd3_dir(tiny_dir):
+    """The tiny SD 3.5 (diffusers format, no T5) that `tiny.build_tiny_models` writes (`tiny.build_tiny_sd3`)."""
+    return os.path.join(tiny_dir, "sd3")
 
 
 @pytest.fixture(scope="session")
