@@ -166,6 +166,23 @@ def load_models(model, revision="main", mixed_precision="fp16", dev_id=0):
     return family.load(model, revision, mixed_precision, dev_id, index)
 
 
+def freeze(parts, device):
+    """Each part (None: one left out) without gradients, in eval mode, on the device."""
+    for part in parts:
+        if part is not None:
+            part.requires_grad_(False)
+            part.eval()
+            part.to(device)
+
+
+def loading_error(what, model, error):
+    """The UserError of a model whose parts do not load."""
+    return UserError(
+        f"could not load {what} from config.pretrained.model = {model!r} ({error}). "
+        "Pass a local diffusers folder, or a hub id on a machine that can download it"
+    )
+
+
 def load_unet_models(family, model, revision, mixed_precision, dev_id, index):
     """A UNet family's parts (`StableDiffusion`), DDIM's scheduler from the folder's config."""
     device = resolve_device(dev_id)
@@ -182,14 +199,8 @@ def load_unet_models(family, model, revision, mixed_precision, dev_id, index):
         unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype, **kwargs)
         scheduler = DDIMScheduler.from_pretrained(model, subfolder="scheduler", **kwargs)
     except OSError as error:
-        raise UserError(
-            f"could not load Stable Diffusion from config.pretrained.model = {model!r} ({error}). "
-            "Pass a local diffusers folder, or a hub id on a machine that can download it"
-        ) from None
-    for part in [vae, unet] + [p for name, p in text.items() if name.startswith("text_encoder")]:
-        part.requires_grad_(False)
-        part.eval()
-        part.to(device)
+        raise loading_error("Stable Diffusion", model, error) from None
+    freeze([vae, unet] + [p for name, p in text.items() if name.startswith("text_encoder")], device)
     models = StableDiffusion(
         family, unet, vae, scheduler=scheduler, device=device, dtype=dtype,
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)), **text,

@@ -63,6 +63,11 @@ def guided_noise(unet, latents, timestep, conditioning, negative, guidance_scale
         cross_attention_kwargs=attention_kwargs,
         **conditioning.unet_kwargs(input_dtype),
     ).sample.float()
+    return guided(output, guidance_scale, cfg)
+
+
+def guided(output, guidance_scale, cfg):
+    """The guided prediction (B, ...) of a model's output: with CFG, its [uncond; cond] halves combined."""
     if not cfg:
         return output
     uncond, cond = output.chunk(2)

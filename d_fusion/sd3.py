@@ -24,7 +24,8 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderMo
 from d_fusion.errors import UserError
 from d_fusion.families import Conditioning, StableDiffusion3Family
 from d_fusion.flow import flow_step_mean, flow_step_std, flow_step_with_logprob
-from d_fusion.models import LatentModel, check_hub_reachable, inference_dtype, resolve_device
+from d_fusion.models import LatentModel, check_hub_reachable, freeze, inference_dtype, loading_error, resolve_device
+from d_fusion.sampling import guided
 
 log = logging.getLogger(__name__)
 
@@ -85,16 +86,9 @@ def load_sd3_models(model, revision="main", mixed_precision="fp16", dev_id=0, t5
         transformer = SD3Transformer2DModel.from_pretrained(model, subfolder="transformer", torch_dtype=dtype, **kwargs)
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler", **kwargs)
     except OSError as error:
-        raise UserError(
-            f"could not load Stable Diffusion 3 from config.pretrained.model = {model!r} ({error}). "
-            "Pass a local diffusers folder, or a hub id on a machine that can download it"
-        ) from None
+        raise loading_error("Stable Diffusion 3", model, error) from None
     (tokenizer, text_encoder), (tokenizer_2, text_encoder_2) = texts
-    for part in (text_encoder, text_encoder_2, t5_parts[0], vae, transformer):
-        if part is not None:
-            part.requires_grad_(False)
-            part.eval()
-            part.to(device)
+    freeze((text_encoder, text_encoder_2, t5_parts[0], vae, transformer), device)
     models = StableDiffusion3(
         transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, *t5_parts, scheduler, device, dtype
     )
@@ -179,10 +173,7 @@ def guided_velocity(transformer, latents, timestep, text, negative, guidance_sca
         pooled_projections=text.pooled,
         joint_attention_kwargs=attention_kwargs,
     ).sample.float()
-    if not cfg:
-        return output
-    uncond, cond = output.chunk(2)
-    return uncond + guidance_scale * (cond - uncond)
+    return guided(output, guidance_scale, cfg)
 
 
 class FLOW:

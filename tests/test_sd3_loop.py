@@ -8,7 +8,6 @@ import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from config.config import get_config
 from d_fusion.checkpoints import load_lora, lora_prefix
 from d_fusion.datadir import ExperimentDir, checkpoints_in
 from d_fusion.experiment import run_experiment
@@ -23,12 +22,8 @@ NUM_SAMPLES, NUM_TARGETS, NUM_STEPS = 4, 2, 2
 
 
 @pytest.fixture
-def config(tiny_dir, tmp_path):
-    config = get_config("tiny_sd3")
-    config.tiny_cache = tiny_dir
-    config.pretrained.model = os.path.join(tiny_dir, "sd3")
-    config.eval.model = os.path.join(tiny_dir, "clip")
-    config.save_path, config.exp_name = str(tmp_path / "data"), "sd3"
+def config(tiny_sd3_config, tmp_path):
+    config = tiny_sd3_config
     config.prompt_file = config.item_idx_file = config.mask_thr_file = ""
     config.prompt, config.item_idx = "a cat eating a sandwich", [1, 4]
     config.mask_thr = 0.0  # full masks: the targets differ clearly from their bases
