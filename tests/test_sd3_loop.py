@@ -10,6 +10,7 @@ from diffusers import StableDiffusion3Pipeline
 
 from d_fusion.checkpoints import load_lora, lora_prefix
 from d_fusion.datadir import ExperimentDir, checkpoints_in
+from d_fusion.errors import UserError
 from d_fusion.experiment import run_experiment
 from d_fusion.heldout import run_heldout
 from d_fusion.models import load_models
@@ -87,3 +88,22 @@ def test_the_loop_runs_on_sd3_and_its_checkpoint_loads_in_the_pipeline(config):
         # every ratio is 1 and DPOK's KL 0 at the start: the loss is -mean(advantage)
         assert metrics["loss"] == pytest.approx(-scored.advantages.mean().item(), abs=1e-5)
 
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("fusion.blocks", "2-9", r"config.fusion.blocks = '2-9': this transformer has blocks 0-3"),
+    ("fusion.mask_blocks", "4-4", r"config.fusion.mask_blocks = '4-4': this transformer has blocks 0-3"),
+    ("sample.noise_level", 0.0, r"config.sample.noise_level must be > 0 to train on sd3"),
+])
+def test_sd3_settings_that_cannot_work_stop_the_run_before_sampling(config, field, value, message):
+    block, name = field.split(".")
+    config[block][name] = value
+    with pytest.raises(UserError, match=message):
+        run_experiment(config)
+    assert ExperimentDir(config.save_path, config.exp_name).epochs() == []
+
+
+def test_a_unet_stops_on_sd3_block_settings(tiny_config):
+    tiny_config.fusion.blocks = "1-2"
+    with pytest.raises(UserError, match="fusion.blocks and fusion.mask_blocks apply to SD 3 only"):
+        run_experiment(tiny_config)
