@@ -18,7 +18,8 @@ Variants (`--config config/config.py:<name>`):
 - `shapes`: the offline demo that shows the method working: the trained toy model shipped at
   assets/shapes/ and the exact shapes reward, on the CPU in a few minutes;
 - `tiny`: the fast test setting: a tiny random-weight Stable Diffusion and a tiny CLIP scorer,
-  built on first use into `tiny_cache`.
+  built on first use into `tiny_cache`; `tiny_sd15`, `tiny_sd21v` (768 px, v-prediction) and
+  `tiny_sdxl`: the same on the tiny model of another family.
 """
 
 import ml_collections
@@ -79,7 +80,9 @@ def release_config():
     # (with theirs) say which of K and V come from the reference; the cross flags do nothing
     config.inject_component = "T,T,T,T,T,F"  # six T/F flags
     config.inject_t = "0-18,0-18,0-18,0-18,0-18,"  # steps lo <= num_steps-1-i < hi (i = 0 noisiest): 2..19 of 20
-    config.inject_l = "3-6,3-6,3-6,3-6,3-6,"  # blocks lo..hi, inclusive (SD 2.1: 3 = mid, 4-6 = up blocks)
+    # blocks lo..hi, inclusive, numbered over the blocks with attentions, or named by part: "mid-up" is the mid
+    # block and every up block with attentions in any family, the release's "3-6" on SD 2.1 (2-4 on SDXL)
+    config.inject_l = "mid-up,mid-up,mid-up,mid-up,mid-up,"
 
     config.pretrained = pretrained = ml_collections.ConfigDict()
     pretrained.model = "stabilityai/stable-diffusion-2-1-base"  # a diffusers folder or hub id
@@ -225,6 +228,7 @@ def get_config(variant=None):
     if variant in (None, ""):
         return config
     variants = {"tiny": tiny, "shapes": shapes, "release_full": release_full}
+    variants |= {f"tiny_{name}": tiny_of(name) for name in TINY_FAMILIES}
     if variant not in variants:
         raise ValueError(f"unknown config variant {variant!r}; known: {', '.join(variants)}")
     return variants[variant](config)
@@ -289,6 +293,22 @@ def tiny(config):
     config.train.num_inner_epochs = 1
     config.train.save_interval = 1
     return config
+
+
+# config.py:tiny_<name>: the tiny setting on another family's tiny model (d_fusion/tiny.py, docs/METHOD.md §9):
+# sd15 (SD 1.5's UNet), sd21v (SD 2.1 at 768 px, v-prediction), sdxl (SDXL: two text encoders, text_time)
+TINY_FAMILIES = ("sd15", "sd21v", "sdxl")
+
+
+def tiny_of(name):
+    """The variant `tiny` on the tiny model <tiny_cache>/<name>."""
+
+    def variant(config):
+        config = tiny(config)
+        config.pretrained.model = config.get_ref("tiny_cache") + "/" + name
+        return config
+
+    return variant
 
 
 def shapes(config):
