@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check: every benchmark at SD 2.1 base size, and SD 3.5 Medium's at 512 and 1024 px (real
-# architectures, random weights), one call.
+# The GPU check: every benchmark at SD 2.1 base size, SDXL base's sampler, fusion and DPO step at
+# 1024 px, and SD 3.5 Medium's at 512 and 1024 px (real architectures, random weights), one call.
 #
 #   bash bench/gpu_check.sh           # on a GPU machine: sd21 size, fp16
 #   bash bench/gpu_check.sh --small   # anywhere: the tiny model on the CPU, to check the script
@@ -17,9 +17,11 @@ fi
 log=${OUT:-/tmp}/gpu_check.log
 if [ "${1:-}" = "--small" ]; then
     size=(--size tiny --device cpu --repeats 2); batch=4; targets=4
+    sdxl=(--size tiny --device cpu --repeats 1)
     sd3_runs=("--size tiny --device cpu --repeats 2")
 else
     size=(--size sd21 --repeats 3); batch=8; targets=8
+    sdxl=(--size sdxl --repeats 2)
     sd3_runs=("--size sd35m --resolution 512 --repeats 3" "--size sd35m --resolution 1024 --repeats 3")
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 fi
@@ -29,6 +31,9 @@ fi
     python3 bench/bench_fusion.py "${size[@]}" --targets $targets --steps 20
     python3 bench/bench_train.py "${size[@]}" --steps 20
     python3 bench/bench_attention.py "${size[@]}" --batch $batch
+    python3 bench/bench_sampling.py "${sdxl[@]}" --batch 4 --steps 20
+    python3 bench/bench_fusion.py "${sdxl[@]}" --targets $targets --steps 20
+    python3 bench/bench_train.py "${sdxl[@]}" --steps 20
     for run in "${sd3_runs[@]}"; do
         python3 bench/bench_sd3.py $run --batch $batch --targets $targets --steps 20
     done

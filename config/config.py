@@ -18,7 +18,8 @@ Variants (`--config config/config.py:<name>`):
 - `shapes`: the offline demo that shows the method working: the trained toy model shipped at
   assets/shapes/ and the exact shapes reward, on the CPU in a few minutes;
 - `tiny`: the fast test setting: a tiny random-weight Stable Diffusion and a tiny CLIP scorer,
-  built on first use into `tiny_cache`;
+  built on first use into `tiny_cache`; `tiny_sd15`, `tiny_sd21v` (768 px, v-prediction) and
+  `tiny_sdxl`: the same on the tiny model of another family;
 - `tiny_sd3`: the same on a tiny random-weight SD 3.5 (joint-attention transformer, flow matching).
 """
 
@@ -80,7 +81,9 @@ def release_config():
     # (with theirs) say which of K and V come from the reference; the cross flags do nothing
     config.inject_component = "T,T,T,T,T,F"  # six T/F flags
     config.inject_t = "0-18,0-18,0-18,0-18,0-18,"  # steps lo <= num_steps-1-i < hi (i = 0 noisiest): 2..19 of 20
-    config.inject_l = "3-6,3-6,3-6,3-6,3-6,"  # blocks lo..hi, inclusive (SD 2.1: 3 = mid, 4-6 = up blocks)
+    # blocks lo..hi, inclusive, numbered over the blocks with attentions, or named by part: "mid-up" is the mid
+    # block and every up block with attentions in any family, the release's "3-6" on SD 2.1 (2-4 on SDXL)
+    config.inject_l = "mid-up,mid-up,mid-up,mid-up,mid-up,"
 
     config.pretrained = pretrained = ml_collections.ConfigDict()
     pretrained.model = "stabilityai/stable-diffusion-2-1-base"  # a diffusers folder or hub id
@@ -236,7 +239,9 @@ def get_config(variant=None):
     config = project_config(release_config())
     if variant in (None, ""):
         return config
-    variants = {"tiny": tiny, "tiny_sd3": tiny_sd3, "shapes": shapes, "release_full": release_full}
+    variants = {"tiny": tiny, "shapes": shapes, "release_full": release_full}
+    variants |= {f"tiny_{name}": tiny_of(name) for name in TINY_FAMILIES}
+    variants["tiny_sd3"] = tiny_sd3
     if variant not in variants:
         raise ValueError(f"unknown config variant {variant!r}; known: {', '.join(variants)}")
     return variants[variant](config)
@@ -303,11 +308,26 @@ def tiny(config):
     return config
 
 
+# config.py:tiny_<name>: the tiny setting on another family's tiny model (d_fusion/tiny.py, docs/METHOD.md §9):
+# sd15 (SD 1.5's UNet), sd21v (SD 2.1 at 768 px, v-prediction), sdxl (SDXL: two text encoders, text_time)
+TINY_FAMILIES = ("sd15", "sd21v", "sdxl")
+
+
+def tiny_of(name):
+    """The variant `tiny` on the tiny model <tiny_cache>/<name>."""
+
+    def variant(config):
+        config = tiny(config)
+        config.pretrained.model = config.get_ref("tiny_cache") + "/" + name
+        return config
+
+    return variant
+
+
 def tiny_sd3(config):
     """`tiny` on a tiny random-weight SD 3.5 (d_fusion/tiny.py: joint-attention blocks, the first two
     dual-attention, two CLIPs, no T5), built on first use into `tiny_cache`/sd3."""
-    config = tiny(config)
-    config.pretrained.model = config.get_ref("tiny_cache") + "/sd3"
+    config = tiny_of("sd3")(config)
     # 77 CLIP + 256 (zero) T5 tokens: a uniform map is ~1/333 a token; 0.003 keeps part of each object's map
     config.mask_thr = 0.003
     return config

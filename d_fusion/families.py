@@ -20,7 +20,7 @@ fusion, masks from the cross-attention of the first tokenizer's tokens, LoRA, tr
 sampler, fusion and the trainer see only a `Conditioning` and `Conditioning.unet_kwargs`. What SD 3
 does otherwise, the stages, the trainer, the checkpoints and held-out reach through
 `models.family`: `load`, `encode`, `negative`, `solver` (the step that `sampling.Denoising` and
-`trainer.Policy` take), `fused_sampling`, `check_fusion`, the LoRA targets, `lora_state_dict` and the
+`trainer.Policy` take), `injection_on_blocks`, `fused_sampling`, `check_fusion`, the LoRA targets, `lora_state_dict` and the
 denoiser's name (LoRA keys' prefix, `save_lora_weights`' argument). The modules these methods call import `Conditioning`
 from here, so the methods import them when called.
 """
@@ -121,16 +121,22 @@ class UNetFamily:
         return fused_sampling(models.unet, models.scheduler, batch, negative, settings)
 
     @staticmethod
-    def check_fusion(models, settings):
-        """A mask grid the UNet lacks, or SD 3's block settings, fail at start-up."""
-        from d_fusion.attention import attention_layers
+    def injection_on_blocks(models, injection, mask_resolution):
+        """inject_l's block ranges in the UNet's block numbers (`injection.Injection.on_blocks`); a mask grid
+        the UNet lacks fails here."""
+        from d_fusion.attention import attention_layers, block_parts
 
+        layers = attention_layers(models.unet, mask_resolution)
+        return injection.on_blocks(block_parts(layers), len({layer.block for layer in layers}))
+
+    @staticmethod
+    def check_fusion(models, settings):
+        """SD 3's block settings fail at start-up on a UNet."""
         if settings.blocks or settings.mask_blocks:
             raise UserError(
                 "config.fusion.blocks and fusion.mask_blocks apply to SD 3 only: a UNet fuses inject_l's blocks "
                 "and takes its masks at fusion.mask_resolution; leave them empty"
             )
-        attention_layers(models.unet, settings.mask_resolution)
 
 
 class StableDiffusionFamily(UNetFamily):
@@ -237,6 +243,11 @@ class StableDiffusion3Family:
         from d_fusion.sd3_fusion import fused_flow_sampling
 
         return fused_flow_sampling(models, batch, negative, settings)
+
+    @staticmethod
+    def injection_on_blocks(models, injection, mask_resolution):
+        """The injection as it is: SD 3 fuses fusion.blocks, not inject_l's UNet blocks (`sd3_fusion.fusion_plan`)."""
+        return injection
 
     @staticmethod
     def check_fusion(models, settings):

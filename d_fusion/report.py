@@ -1,6 +1,6 @@
 """The experiment's report: data/<exp_name>/ -> report/index.html, epoch grids and curves (static, no server).
 
-Per epoch, each target is a row reference | base | target | mask overlay with the CLIP scores and
+Per epoch, each target is a row reference | base | target | mask overlay with the scores and
 the target-vs-base delta; curves follow the scores over epochs, the DPO loss and preference
 accuracy of metrics.jsonl, and held-out scores when run_heldout.py has made some. index.html links
 the experiment's own PNGs by relative paths inside data/<exp_name>/ (copy the whole folder to share
@@ -59,7 +59,7 @@ def stale(output, inputs):
 
 @dataclass
 class TargetRow:
-    """A target of an epoch, its reference and base (sample indices) and their CLIP scores (None: not yet)."""
+    """A target of an epoch, its reference and base (sample indices) and their scores (None: not yet)."""
 
     target: int
     prompt: str
@@ -230,7 +230,7 @@ def _figure(num_panels):
     return figure, axes[0]
 
 
-SCORE_SPAN = 0.05  # the least y range of a score plot: CLIP scores move by hundredths, not in their last digits
+SCORE_SPAN = 0.05  # the least y range of a score plot: scores move by hundredths, not in their last digits
 LOSS_SPAN = 0.05
 
 
@@ -246,8 +246,9 @@ def readable_y(axis, values, min_span, limits=None):
         axis.set_ylim(middle - min_span / 2, middle + min_span / 2)
 
 
-def clip_curve(views):
-    """Mean CLIP score of the samples and of the targets per epoch; None before any score."""
+def score_curve(views):
+    """Mean score of the samples and of the targets per epoch, labelled by the reward the score files
+    record; None before any score."""
     samples = [(v.epoch, mean(v.scores)) for v in views if v.scores]
     targets = [(v.epoch, mean(v.target_scores)) for v in views if v.target_scores]
     if not samples:
@@ -257,7 +258,9 @@ def clip_curve(views):
         if points:
             axis.plot(*zip(*points), marker="o", label=label)
     readable_y(axis, [score for _, score in samples + targets], SCORE_SPAN)
-    axis.set(xlabel="epoch", ylabel="mean CLIP score", title="CLIP score")
+    rewards = {v.folder.sampled.scored_by() for v in views if v.scores} - {None}
+    reward = ", ".join(sorted(rewards)) or "clip"  # files written before the record: the CLIP score
+    axis.set(xlabel="epoch", ylabel=f"mean score ({reward})", title=f"reward: {reward}")
     axis.legend()
     return figure
 
@@ -312,7 +315,7 @@ def draw_curves(experiment, views):
     score_files = [f for v in views for f in (v.folder.sampled.scores_file, v.folder.injected.scores_file)]
     heldout_files = [experiment.heldout(name).table_json for name in experiment.heldout_sets()]
     return dict(
-        clip=update_curve(report.curves("clip"), score_files, lambda: clip_curve(views)),
+        clip=update_curve(report.curves("clip"), score_files, lambda: score_curve(views)),
         training=update_curve(
             report.curves("training"), [experiment.metrics_file], lambda: training_curve(experiment.read_metrics())
         ),

@@ -19,8 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from d_fusion import distributed
-from d_fusion.cli import config_file
 from d_fusion.checkpoints import checkpoints_at, resume, save_epoch_checkpoint
+from d_fusion.cli import config_file
 from d_fusion.datadir import damaged_units, mean, read_image, write_image
 from d_fusion.errors import UserError
 from d_fusion.families import Conditioning
@@ -30,6 +30,7 @@ from d_fusion.masks import item_selection, load_objects, mask_picture
 from d_fusion.objectives import per_prompt_advantages
 from d_fusion.pairing import check_samples_per_prompt, pair_samples
 from d_fusion.prompts import EpochLayout
+from d_fusion.rewards import load_scorer_from_config, parse_reward, reward_label
 from d_fusion.sampling import (
     SamplerSettings,
     Trajectories,
@@ -38,7 +39,6 @@ from d_fusion.sampling import (
     negative_conditioning,
     sample_images,
 )
-from d_fusion.rewards import load_scorer_from_config, parse_reward, reward_label
 from d_fusion.trainer import PreferencePairs, ScoredSamples, Trainer
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,11 @@ def epoch_layout(config, prompts):
     return EpochLayout(tuple(prompts), config.sample.batch_size, config.sample.num_batches_per_epoch, config.seed)
 
 
-def fusion_settings(config):
+def fusion_settings(config, models):
+    """The fusion's settings, inject_l's block ranges resolved against the UNet's blocks (a UserError when
+    a numbered range goes beyond them; SD 3 fuses fusion.blocks instead)."""
     return FusionSettings(
-        injection_from_config(config),
+        models.family.injection_on_blocks(models, injection_from_config(config), config.fusion.mask_resolution),
         sampler_settings(config),
         mask_resolution=config.fusion.mask_resolution,
         use_mask=config.fusion.use_mask,
@@ -92,7 +94,7 @@ class Run:
     def build(config, models, experiment, prompts, objects):
         return Run(
             config, models, experiment, epoch_layout(config, prompts), objects, sampler_settings(config),
-            fusion_settings(config), negative_conditioning(models),
+            fusion_settings(config, models), negative_conditioning(models),
         )
 
 

@@ -42,6 +42,7 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from safetensors.torch import save_file
@@ -133,7 +134,8 @@ def build_text_encoder(vocab_size, width=TEXT_DIM, heads=2):
     return CLIPTextModel(clip_text_config(vocab_size, width, heads))
 
 
-def build_unet(sample_size=SAMPLE_SIZE):
+def build_unet(sample_size=SAMPLE_SIZE, attention_head_dim=(2, 2, 4, 4), use_linear_projection=True):
+    """SD 2.x's UNet scaled down (SD 1.x: one head count for all blocks, convolutional projections)."""
     return UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=4,
@@ -143,9 +145,32 @@ def build_unet(sample_size=SAMPLE_SIZE):
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         mid_block_type="UNetMidBlock2DCrossAttn",
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=(2, 2, 4, 4),  # SD 2.x's field: the number of heads per block
+        attention_head_dim=attention_head_dim,  # SD 1.x/2.x's field: the number of heads (per block)
         cross_attention_dim=TEXT_DIM,
+        use_linear_projection=use_linear_projection,
+        norm_num_groups=8,
+    )
+
+
+def build_sdxl_unet(sample_size=SAMPLE_SIZE, text_width=TEXT_DIM):
+    """SDXL's UNet scaled down: a plain first down block, two with attentions (the last with 2 transformer
+    layers, as SDXL's have several), the text_time embedding of pooled text and 6 size conditions."""
+    time_dim = 8
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 4),
+        cross_attention_dim=2 * text_width,  # both text encoders' hidden states, concatenated
         use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + text_width,  # time ids and the pooled projection
         norm_num_groups=8,
     )
 
@@ -174,17 +199,50 @@ def _write_pipeline(folder, seed, make_pipeline):
         make_pipeline(build_tokenizer(scratch)).save_pretrained(folder, safe_serialization=True)
 
 
-def build_tiny_sd(folder, seed=0):
-    """Write the tiny Stable Diffusion to `folder` (diffusers format)."""
+def _write_sd(folder, seed, make_unet=build_unet, make_vae=build_vae, **scheduler):
+    """A tiny SD 1.x / 2.x pipeline: `make_unet()`, `make_vae()`, SD's DDIM config updated by `scheduler`."""
     _write_pipeline(folder, seed, lambda tokenizer: StableDiffusionPipeline(
-        vae=build_vae(),
+        vae=make_vae(),
         text_encoder=build_text_encoder(len(tokenizer)),
         tokenizer=tokenizer,
-        unet=build_unet(),
-        scheduler=DDIMScheduler(**SD_SCHEDULER),
+        unet=make_unet(),
+        scheduler=DDIMScheduler(**(SD_SCHEDULER | scheduler)),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    ))
+
+
+def build_tiny_sd(folder, seed=0):
+    """Write the tiny Stable Diffusion (SD 2.1 base's topology) to `folder` (diffusers format)."""
+    _write_sd(folder, seed)
+
+
+def build_tiny_sd15(folder, seed=0):
+    """The tiny SD 1.5: SD 1.x's UNet (one head count, convolutional projections)."""
+    _write_sd(folder, seed, make_unet=lambda: build_unet(attention_head_dim=2, use_linear_projection=False))
+
+
+def build_tiny_sd21v(folder, seed=0):
+    """The tiny SD 2.1 at 768 px: v-prediction (the scheduler's prediction_type) on a 1.5x larger latent."""
+    _write_sd(
+        folder, seed, make_unet=lambda: build_unet(SAMPLE_SIZE * 3 // 2),
+        make_vae=lambda: build_vae(sample_size=SAMPLE_SIZE * 12), prediction_type="v_prediction",
+    )
+
+
+def build_tiny_sdxl(folder, seed=0):
+    """The tiny SDXL: two text encoders (the second with a projection), the text_time UNet, zeros for the
+    empty prompt (force_zeros_for_empty_prompt, as SDXL base), SDXL's VAE scaling, DDIM."""
+    _write_pipeline(folder, seed, lambda tokenizer: StableDiffusionXLPipeline(
+        vae=build_vae(scaling_factor=0.13025, force_upcast=True),
+        text_encoder=build_text_encoder(len(tokenizer)),
+        text_encoder_2=build_clip_with_projection(len(tokenizer), TEXT_DIM),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=build_sdxl_unet(),
+        scheduler=DDIMScheduler(**SD_SCHEDULER),
+        force_zeros_for_empty_prompt=True,
     ))
 
 
@@ -344,6 +402,9 @@ def build_tiny_models(out_dir):
 # the folders build_tiny_models writes
 TINY_MODELS = dict(
     sd=build_tiny_sd,
+    sd15=build_tiny_sd15,
+    sd21v=build_tiny_sd21v,
+    sdxl=build_tiny_sdxl,
     sd3=build_tiny_sd3,
     clip=build_tiny_clip,
     pickscore=build_tiny_pickscore,
