@@ -91,7 +91,7 @@ def release_config():
 
     config.sample = sample = ml_collections.ConfigDict()  # sampling (METHOD.md §1, §3)
     sample.num_steps = 20  # DDIM steps per image, T
-    sample.eta = 1.0  # DDIM noise scale: std = eta * sigma_t; must be > 0 to train
+    sample.eta = 1.0  # DDIM noise scale: std = eta * sigma_t; must be > 0 to train (UNets; SD 3: sample.noise_level)
     sample.guidance_scale = 5.0  # classifier-free guidance weight (sampling, fusion and training)
     sample.batch_size = 4  # images per sampling batch, all of one prompt
     sample.num_batches_per_epoch = 1  # batches per prompt per epoch: n = batch_size * this, a multiple of 4
@@ -149,7 +149,7 @@ def project_config(config):
     # what DPO prefers over each base: "target" (D-Fusion's visually consistent pair) or "reference"
     # (the paper's baseline: the ordinary well-aligned sample, visually inconsistent with the base)
     config.train.preferred = "target"
-    config.train.lora_rank = 4  # LoRA rank on the UNet's to_q, to_k, to_v, to_out.0
+    config.train.lora_rank = 4  # LoRA rank on the UNet's to_q, to_k, to_v, to_out.0 (SD 3: every attention projection)
     config.train.gradient_checkpointing = False  # recompute UNet activations in backward: less memory, slower
     config.train.tensorboard = False  # also log the metrics to data/<exp_name>/tensorboard (needs tensorboard)
     # a checkpoint folder (checkpoints/checkpoint_<k>) or a folder of them (the newest is used): the run
@@ -196,7 +196,7 @@ def project_config(config):
     # that is a ConfigDict method.
     config.item_words = ""
     config.fusion = fusion = ml_collections.ConfigDict()
-    fusion.mask_resolution = 0  # query grid side of the mask layers; 0: latent side // 4 (16 for SD 2.1 base)
+    fusion.mask_resolution = 0  # UNets: query grid side of the mask layers; 0: latent side // 4 (16 for SD 2.1 base)
     fusion.use_mask = True  # False: fuse without a mask (K' = K_ref, V' = V_ref over the whole image)
     fusion.mask_images = "all"  # mask pictures under mask/: "all" steps, the "last" step, or "none"
     # targets made per fused sampling pass (even: each reference guides two targets in a row); pairs

@@ -20,9 +20,10 @@ fusion, masks from the cross-attention of the first tokenizer's tokens, LoRA, tr
 sampler, fusion and the trainer see only a `Conditioning` and `Conditioning.unet_kwargs`. What SD 3
 does otherwise, the stages, the trainer, the checkpoints and held-out reach through
 `models.family`: `load`, `encode`, `negative`, `solver` (the step that `sampling.Denoising` and
-`trainer.Policy` take), `injection_on_blocks`, `fused_sampling`, `check_fusion`, the LoRA targets, `lora_state_dict` and the
-denoiser's name (LoRA keys' prefix, `save_lora_weights`' argument). The modules these methods call import `Conditioning`
-from here, so the methods import them when called.
+`trainer.Policy` take), `injection_on_blocks`, `fused_sampling`, `check_fusion`, the LoRA
+targets, `lora_state_dict` and the denoiser's name (LoRA keys' prefix, `save_lora_weights`'
+argument). The modules these methods call import `Conditioning` from here, so the methods import
+them when called.
 """
 
 from dataclasses import dataclass
