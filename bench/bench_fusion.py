@@ -22,7 +22,7 @@ from bench.common import alternate, build_models, parse_args  # noqa: E402
 from d_fusion.fusion import FusionBatch, FusionSettings, fused_sampling  # noqa: E402
 from d_fusion.injection import parse_injection  # noqa: E402
 from d_fusion.masks import PromptObjects, item_selection  # noqa: E402
-from d_fusion.sampling import SamplerSettings, encode_prompts, sample_generators  # noqa: E402
+from d_fusion.sampling import SamplerSettings, encode_prompts, negative_conditioning, sample_generators  # noqa: E402
 
 PROMPT = "a dog driving a car"
 OBJECTS = {PROMPT: PromptObjects((1, 4), (0.03, 0.01))}  # the release's item and mask files
@@ -37,7 +37,7 @@ def main():
     num_samples = 2 * args.targets  # references come first, bases after them
     base_indices = list(range(references, references + args.targets))
     embeds = encode_prompts(models, [PROMPT])
-    negative = encode_prompts(models, [""])
+    negative = negative_conditioning(models)
     weights, thresholds = item_selection(models.tokenizer, [PROMPT], OBJECTS, embeds.num_tokens)
     injection = parse_injection("T,T,T,T,T,F", f"0-{args.steps - 2}," * 5, "3-6," * 5)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import alternate, build_models, parse_args  # noqa: E402
-from d_fusion.sampling import SamplerSettings, encode_prompts, sample_generators, sample_trajectories  # noqa: E402
+from d_fusion.sampling import SamplerSettings, encode_prompts, negative_conditioning, sample_generators, sample_trajectories  # noqa: E402
 
 PROMPT = "a cat playing chess"
 
@@ -28,7 +28,7 @@ def main():
         sample_trajectories(
             models,
             encode_prompts(models, [PROMPT] * args.batch),
-            encode_prompts(models, [""] * args.batch),
+            negative_conditioning(models),
             sample_generators(42, 0, args.batch, indices),
             SamplerSettings(args.steps, eta=1.0, guidance_scale=5.0),
             progress=False,

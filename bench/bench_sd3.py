@@ -30,11 +30,12 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection  # noqa: E4
 from bench.bench_train import peak_memory  # noqa: E402
 from bench.common import alternate, parse_args  # noqa: E402
 from d_fusion.masks import PromptObjects, item_selection  # noqa: E402
-from d_fusion.sampling import sample_generators  # noqa: E402
-from d_fusion.sd3 import StableDiffusion3, encode_sd3_prompts, load_sd3_models, sample_flow_trajectories  # noqa: E402
-from d_fusion.sd3_fusion import JointFusionSettings, fused_flow_sampling  # noqa: E402
-from d_fusion.sd3_lora import add_sd3_lora  # noqa: E402
-from d_fusion.sd3_training import FlowPolicy  # noqa: E402
+from d_fusion.fusion import FusionBatch, FusionSettings  # noqa: E402
+from d_fusion.injection import parse_injection  # noqa: E402
+from d_fusion.sampling import SamplerSettings, sample_generators, sample_trajectories  # noqa: E402
+from d_fusion.sd3 import StableDiffusion3, encode_sd3_prompts, load_sd3_models  # noqa: E402
+from d_fusion.sd3_fusion import fused_flow_sampling  # noqa: E402
+from d_fusion.trainer import Policy, add_model_lora  # noqa: E402
 from d_fusion.tiny import SD3_SCHEDULER, build_tiny_sd3, build_tokenizer  # noqa: E402
 from d_fusion.objectives import dpo_loss  # noqa: E402
 
@@ -84,13 +85,17 @@ def build_sd3(size, resolution, device, dtype):
     )
 
 
+def flow_sampler(args, noise_level=0.7):
+    return SamplerSettings(args.steps, 1.0, 5.0, True, noise_level)
+
+
 def bench_sampling(models, args):
     pipeline, indices = models.pipeline(), range(args.batch)
     text, negative = encode_sd3_prompts(models, [PROMPT] * args.batch), encode_sd3_prompts(models, [""])
 
     def ours():
-        return sample_flow_trajectories(
-            models, text, negative, sample_generators(42, 0, args.batch, indices), args.steps, 0.0, 5.0, progress=False
+        return sample_trajectories(
+            models, text, negative, sample_generators(42, 0, args.batch, indices), flow_sampler(args, 0.0), progress=False
         ).latents[:, -1]
 
     def diffusers_pipeline():
@@ -114,12 +119,15 @@ def bench_fusion(models, args):
 
     def sample(reference_indices, base_pass):
         rows = len(reference_indices)
-        settings = JointFusionSettings(args.steps, 0.7, 5.0, (0, args.steps - 2), base_pass=base_pass)
-        return fused_flow_sampling(
-            models, text.expand(rows), negative, sample_generators(0, 0, num_samples, reference_indices),
+        steps = f"0-{args.steps - 2}"
+        injection = parse_injection("T,T,T,T,T,F", ",".join([steps] * 5), ",,,,,")  # inject_l does not apply to SD 3
+        settings = FusionSettings(injection, flow_sampler(args), base_pass=base_pass)
+        batch = FusionBatch(
+            text.expand(rows), sample_generators(0, 0, num_samples, reference_indices),
             sample_generators(0, 0, num_samples, base_indices), torch.arange(args.targets) // (args.targets // rows),
-            weights.expand(rows, -1, -1), thresholds.expand(rows, -1), settings,
+            weights.expand(rows, -1, -1), thresholds.expand(rows, -1),
         )
+        return fused_flow_sampling(models, batch, negative, settings)
 
     distinct = list(range(references))
     ours = lambda: sample(distinct, base_pass=False)  # noqa: E731
@@ -132,10 +140,10 @@ def bench_fusion(models, args):
 
 
 def bench_dpo_step(models, args):
-    params = add_sd3_lora(models.transformer, args.rank)
+    params = add_model_lora(models, args.rank, 0)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    policy = FlowPolicy(models, encode_sd3_prompts(models, [""]), 5.0, True, 0.7)
-    policy.set_timesteps(args.steps)
+    policy = Policy(models, encode_sd3_prompts(models, [""]), flow_sampler(args))
+    policy.set_timesteps()
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(2, args.steps + 1, *models.latent_shape, generator=generator)  # (w, l): values do not matter
     timesteps, text = models.scheduler.timesteps, encode_sd3_prompts(models, [PROMPT] * 2)

@@ -1,5 +1,5 @@
-"""Models for the benchmarks: the tiny model (built like the tests build it) or SD 2.1 base's real
-architecture with random weights (no download needed; for the GPU check)."""
+"""Models for the benchmarks: the tiny model (built like the tests build it), or SD 2.1 base's or SDXL
+base's real architecture with random weights (no download needed; for the GPU check)."""
 
 import argparse
 import os
@@ -9,8 +9,9 @@ import time
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from d_fusion.families import StableDiffusionFamily, StableDiffusionXLFamily
 from d_fusion.models import StableDiffusion, load_models
 from d_fusion.tiny import SD_SCHEDULER, build_tiny_models, build_tokenizer
 
@@ -49,7 +50,37 @@ SD21_TEXT = dict(
 )
 
 
-def parse_args(description, sizes=("tiny", "sd21"), **extra):
+# SDXL base's configs (unet/, vae/, text_encoder/, text_encoder_2/ of stabilityai/stable-diffusion-xl-base-1.0)
+SDXL_UNET = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+SDXL_VAE = SD21_VAE | dict(sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+SDXL_TEXT = SD21_TEXT | dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                             projection_dim=768, hidden_act="quick_gelu")
+SDXL_TEXT_2 = SD21_TEXT | dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                               projection_dim=1280)
+
+# --size: (family, UNet, VAE, text encoder configs)
+ARCHITECTURES = dict(
+    sd21=(StableDiffusionFamily, SD21_UNET, SD21_VAE, (SD21_TEXT,)),
+    sdxl=(StableDiffusionXLFamily, SDXL_UNET, SDXL_VAE, (SDXL_TEXT, SDXL_TEXT_2)),
+)
+
+
+def parse_args(description, sizes=("tiny", "sd21", "sdxl"), **extra):
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--size", choices=sizes, default="tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -67,7 +98,8 @@ def parse_args(description, sizes=("tiny", "sd21"), **extra):
 
 
 def build_models(size, device, dtype):
-    """A frozen StableDiffusion: the tiny model through the users' loading path, or SD 2.1's architecture."""
+    """A frozen StableDiffusion: the tiny model through the users' loading path, or a real architecture
+    (`ARCHITECTURES`) with random weights."""
     device = torch.device(device)
     if size == "tiny":
         cache = os.path.join(tempfile.gettempdir(), "d-fusion-bench-tiny")
@@ -76,16 +108,21 @@ def build_models(size, device, dtype):
             part.to(device, dtype=dtype)
         models.device, models.dtype = device, dtype
         return models
+    family, unet_config, vae_config, text_configs = ARCHITECTURES[size]
     torch.manual_seed(0)
     with torch.device(device):
-        unet = UNet2DConditionModel(**SD21_UNET).to(dtype)
-        vae = AutoencoderKL(**SD21_VAE).to(dtype)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**SD21_TEXT)).to(dtype)
-    for part in (unet, vae, text_encoder):
+        unet = UNet2DConditionModel(**unet_config).to(dtype)
+        vae = AutoencoderKL(**vae_config).to(dtype)
+        encoders = [CLIPTextModel(CLIPTextConfig(**text_configs[0])).to(dtype)]
+        encoders += [CLIPTextModelWithProjection(CLIPTextConfig(**c)).to(dtype) for c in text_configs[1:]]
+    for part in (unet, vae, *encoders):
         part.requires_grad_(False).eval()
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = build_tokenizer(scratch)
-    return StableDiffusion(unet, vae, text_encoder, tokenizer, DDIMScheduler(**SD_SCHEDULER), device, dtype)
+    second = dict(text_encoder_2=encoders[1], tokenizer_2=tokenizer, force_zeros_for_empty_prompt=True) if encoders[1:] else {}
+    return StableDiffusion(
+        family, unet, vae, encoders[0], tokenizer, DDIMScheduler(**SD_SCHEDULER), device, dtype, **second
+    )
 
 
 def synchronize(device):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: every benchmark at SD 2.1 base size (with one epoch of the release's full version,
-# today's settings against the new defaults), and SD 3.5 Medium's at 512 and 1024 px (real
-# architectures, random weights), one call.
+# today's settings against the new defaults), SDXL base's sampler, fusion and DPO step at 1024 px,
+# and SD 3.5 Medium's at 512 and 1024 px (real architectures, random weights), one call.
 #
 #   bash bench/gpu_check.sh           # on a GPU machine: sd21 size, fp16
 #   bash bench/gpu_check.sh --small   # anywhere: the tiny model on the CPU, to check the script
@@ -18,10 +18,12 @@ fi
 log=${OUT:-/tmp}/gpu_check.log
 if [ "${1:-}" = "--small" ]; then
     size=(--size tiny --device cpu --repeats 2); batch=4; targets=4
+    sdxl=(--size tiny --device cpu --repeats 1)
     sd3_runs=("--size tiny --device cpu --repeats 2")
     epoch=(--size tiny --device cpu --prompts 1 --repeats 1)
 else
     size=(--size sd21 --repeats 3); batch=8; targets=8
+    sdxl=(--size sdxl --repeats 2)
     sd3_runs=("--size sd35m --resolution 512 --repeats 3" "--size sd35m --resolution 1024 --repeats 3")
     # one prompt of the release's full version (16 samples, 8 pairs), old and new settings, best of 2:
     # about 5 minutes on an H200 (today's training: 320 pair-timesteps at ~0.27 s)
@@ -36,6 +38,9 @@ fi
     python3 bench/bench_train.py "${size[@]}" --steps 20 --pairs 8
     python3 bench/bench_attention.py "${size[@]}" --batch $batch
     python3 bench/bench_epoch.py "${epoch[@]}"
+    python3 bench/bench_sampling.py "${sdxl[@]}" --batch 4 --steps 20
+    python3 bench/bench_fusion.py "${sdxl[@]}" --targets $targets --steps 20
+    python3 bench/bench_train.py "${sdxl[@]}" --steps 20
     for run in "${sd3_runs[@]}"; do
         python3 bench/bench_sd3.py $run --batch $batch --targets $targets --steps 20
     done

@@ -21,7 +21,9 @@ Variants (`--config config/config.py:<name>`):
 - `shapes`: the offline demo that shows the method working: the trained toy model shipped at
   assets/shapes/ and the exact shapes reward, on the CPU in a few minutes;
 - `tiny`: the fast test setting: a tiny random-weight Stable Diffusion and a tiny CLIP scorer,
-  built on first use into `tiny_cache`.
+  built on first use into `tiny_cache`; `tiny_sd15`, `tiny_sd21v` (768 px, v-prediction) and
+  `tiny_sdxl`: the same on the tiny model of another family;
+- `tiny_sd3`: the same on a tiny random-weight SD 3.5 (joint-attention transformer, flow matching).
 """
 
 import ml_collections
@@ -86,7 +88,9 @@ def release_config():
     # (with theirs) say which of K and V come from the reference; the cross flags do nothing
     config.inject_component = "T,T,T,T,T,F"  # six T/F flags
     config.inject_t = "0-18,0-18,0-18,0-18,0-18,"  # steps lo <= num_steps-1-i < hi (i = 0 noisiest): 2..19 of 20
-    config.inject_l = "3-6,3-6,3-6,3-6,3-6,"  # blocks lo..hi, inclusive (SD 2.1: 3 = mid, 4-6 = up blocks)
+    # blocks lo..hi, inclusive, numbered over the blocks with attentions, or named by part: "mid-up" is the mid
+    # block and every up block with attentions in any family, the release's "3-6" on SD 2.1 (2-4 on SDXL)
+    config.inject_l = "mid-up,mid-up,mid-up,mid-up,mid-up,"
 
     config.pretrained = pretrained = ml_collections.ConfigDict()
     pretrained.model = "stabilityai/stable-diffusion-2-1-base"  # a diffusers folder or hub id
@@ -94,7 +98,7 @@ def release_config():
 
     config.sample = sample = ml_collections.ConfigDict()  # sampling (METHOD.md §1, §3)
     sample.num_steps = 20  # DDIM steps per image, T
-    sample.eta = 1.0  # DDIM noise scale: std = eta * sigma_t; must be > 0 to train
+    sample.eta = 1.0  # DDIM noise scale: std = eta * sigma_t; must be > 0 to train (UNets; SD 3: sample.noise_level)
     sample.guidance_scale = 5.0  # classifier-free guidance weight (sampling, fusion and training)
     sample.batch_size = 4  # images per sampling batch, all of one prompt
     sample.num_batches_per_epoch = 1  # batches per prompt per epoch: n = batch_size * this, a multiple of 4
@@ -128,23 +132,36 @@ def release_config():
 
 def project_config(config):
     """Fields this project adds to the release's (defaults keep the release's behaviour)."""
-    # build the tiny random-weight models into `tiny_cache` when `pretrained.model` (or `eval.model`) is
-    # <tiny_cache>/sd (<tiny_cache>/clip) and missing; a path elsewhere is never built
+    # build the tiny random-weight models into `tiny_cache` when `pretrained.model` (or a reward's model)
+    # is <tiny_cache>/sd or /sd3 (<tiny_cache>/clip, /pickscore, /hpsv2/..., /aesthetic/...) and missing; a path
+    # elsewhere is never built
     config.pretrained.tiny = False  # True: build the missing tiny test models (see above)
     config.tiny_cache = "./.cache/tiny"  # where the tiny models are built
     config.threads = 0  # torch CPU threads; 0 leaves torch's default
+    # SD 3 / 3.5 only (METHOD.md §10): the stochastic flow step's noise level a, std = a * sqrt(sigma / (1 -
+    # sigma)); 0 is the scheduler's Euler step (no log-probability: must be > 0 to train); 0.7 is
+    # Flow-GRPO's. SD 3 ignores sample.eta, the UNets ignore this
+    config.sample.noise_level = 0.7
 
     # samples per sampling UNet call (2 rows each with CFG): whole batches of sample.batch_size (rounded
     # down, at least one), filled across batches and prompts. Each sample draws its noise from its own
     # generator, so the samples are the same whatever it is (pure batching); larger fills a GPU better
     config.sample.compute_batch_size = 8
 
-    # --- training (METHOD.md §7) ---
-    config.train.algorithm = "dpo"  # "dpo": trajectory DPO on (target, base) pairs; "ddpo": PPO-clip on scores
+    # --- training (METHOD.md §7, §8) ---
+    # "dpo": trajectory DPO on (target, base) pairs; "ddpo": PPO-clip on scores; "dpok": DDPO's PPO-clip
+    # plus train.kl_weight x the closed-form KL of each step to the pretrained model (METHOD.md §8)
+    config.train.algorithm = "dpo"
+    config.train.kl_weight = 0.01  # dpok: the weight of the KL penalty
+    # ddpo/dpok advantages: 0 standardises each prompt's scores within the epoch; N > 0 uses ddpo-pytorch's
+    # per-prompt stat tracking: the mean and std of the prompt's last N scores across epochs (this epoch's
+    # included), or of the whole epoch's scores while the prompt has fewer than stat_min_count of them
+    config.train.stat_buffer = 0
+    config.train.stat_min_count = 16
     # what DPO prefers over each base: "target" (D-Fusion's visually consistent pair) or "reference"
     # (the paper's baseline: the ordinary well-aligned sample, visually inconsistent with the base)
     config.train.preferred = "target"
-    config.train.lora_rank = 4  # LoRA rank on the UNet's to_q, to_k, to_v, to_out.0
+    config.train.lora_rank = 4  # LoRA rank on the UNet's to_q, to_k, to_v, to_out.0 (SD 3: every attention projection)
     # (pair or sample, timestep) rows per training UNet forward and backward, each row at its own
     # timestep (DPO: 4 UNet rows each with CFG); an optimizer step's gradient is the same whatever it
     # is (pure batching). Larger fills a GPU better and needs more memory (with checkpointing less)
@@ -161,14 +178,30 @@ def project_config(config):
 
     # --- scoring (METHOD.md §5): run_eval.py, or the sampler itself with eval.inline ---
     config.eval = ev = ml_collections.ConfigDict()
-    # what scores an image against its prompt (d_fusion/scoring.py: REWARDS): "clip" (the release's
-    # CLIP score, with the model below) or "shapes" (the exact reward of the shapes world)
+    # what scores an image against its prompt (d_fusion/rewards.py: REWARDS): "clip" (the release's
+    # CLIP score, with the model below), "pickscore", "hpsv2", "aesthetic" (their models below) or
+    # "shapes" (the exact reward of the shapes world); or a weighted sum, "clip:1.0,pickscore:0.5".
+    # Score files record it; a rerun with another reward stops at start-up (not in RERUN_MAY_CHANGE)
     ev.reward = "clip"
     # open_clip architecture name with a pretrained tag or checkpoint file, or an open_clip folder
     # (open_clip_config.json + weights; "local-dir:" optional; "hf-hub:org/repo" also works).
     # With pretrained.tiny, a missing <tiny_cache>/clip is built like the tiny diffusion model (nothing else).
     ev.model = "ViT-H-14"
     ev.pretrained = "laion2B-s32B-b79K"  # ignored when `model` is a folder or hub id
+    # PickScore: a transformers CLIPModel and its CLIPProcessor (folders or hub ids), as PickScore_v1 ships
+    ev.pickscore_model = "yuvalkirstain/PickScore_v1"
+    ev.pickscore_processor = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    # HPS v2: an open_clip architecture name (or an open_clip model config .json file) and an HPS
+    # checkpoint: a file, or org/repo/file on the hub (xswu/HPSv2 also holds HPS_v2_compressed.pt, v2.0)
+    ev.hpsv2_architecture = "ViT-H-14"
+    ev.hpsv2_checkpoint = "xswu/HPSv2/HPS_v2.1_compressed.pt"
+    # LAION aesthetic predictor: its CLIP (open_clip name and pretrained tag, or a folder) and its head's
+    # weights: a file or org/repo/file. The improved predictor's MLP (sac+logos+ava1-l14-linearMSE.pth) is
+    # published at github.com/christophschuhmann/improved-aesthetic-predictor; LAION's linear v1
+    # (sa_0_4_vit_l_14_linear.pth) at github.com/LAION-AI/aesthetic-predictor: download it and pass its path
+    ev.aesthetic_clip = "ViT-L-14"
+    ev.aesthetic_clip_pretrained = "openai"
+    ev.aesthetic_model = "sac+logos+ava1-l14-linearMSE.pth"
     ev.batch_size = 8  # images per CLIP forward pass; scores are saved after each batch
     ev.inline = False  # True: the sampler scores its own images; False: it waits for run_eval.py
     ev.poll_interval = 2.0  # seconds between looks at data/<exp_name>/ (scorer and waiting sampler)
@@ -182,7 +215,7 @@ def project_config(config):
     # that is a ConfigDict method.
     config.item_words = ""
     config.fusion = fusion = ml_collections.ConfigDict()
-    fusion.mask_resolution = 0  # query grid side of the mask layers; 0: latent side // 4 (16 for SD 2.1 base)
+    fusion.mask_resolution = 0  # UNets: query grid side of the mask layers; 0: latent side // 4 (16 for SD 2.1 base)
     fusion.use_mask = True  # False: fuse without a mask (K' = K_ref, V' = V_ref over the whole image)
     fusion.mask_images = "all"  # mask pictures under mask/: "all" steps, the "last" step, or "none"
     # targets made per fused sampling pass (even: each reference guides two targets in a row); pairs
@@ -194,6 +227,13 @@ def project_config(config):
     # as two calls, the references' then the targets': pure batching; holds two steps' keys and values)
     fusion.one_call = True
     fusion.base_masks = False  # also regenerate each base (one more UNet pass per step) to save its masks
+    # SD 3 / 3.5 only (METHOD.md §10): the transformer blocks (0..N-1, forward order, "lo-hi" inclusive)
+    # whose image-token K and V fuse, where inject_t's self-attention Q entry says (inject_l, a UNet's
+    # block numbers, does not apply); "": the second half, N//2..N-1 (SD 3.5 Medium: 12-23)
+    fusion.blocks = ""
+    # SD 3 / 3.5 only: the blocks whose image-to-text attention gives the object masks (fusion.mask_resolution
+    # does not apply: the masks are on the image-token grid); "": the middle third, N//3..2N//3-1 (Medium: 8-15)
+    fusion.mask_blocks = ""
 
     # --- held-out evaluation and report: run_heldout.py, run_report.py ---
     config.heldout = heldout = ml_collections.ConfigDict()
@@ -203,6 +243,12 @@ def project_config(config):
     # "" evaluates the base model only; a checkpoint folder (checkpoints/checkpoint_<k>) adds it; a folder
     # of checkpoints adds each of them. Results already on disk with the same settings are reused.
     heldout.checkpoint = ""
+    # the rewards every held-out image is scored with, comma-separated names ("clip,pickscore,hpsv2");
+    # "" scores with the training reward (eval.reward, a weighted sum too). Each needs its model (eval.*)
+    heldout.rewards = ""
+    # also report each model's diversity: per prompt, the mean pairwise 1 - cosine of its images' CLIP image
+    # embeddings (the clip reward's eval.model), averaged over prompts; needs images_per_prompt >= 2
+    heldout.diversity = True
     config.report = report = ml_collections.ConfigDict()
     report.each_epoch = False  # the sampler also updates data/<exp_name>/report/ after every epoch
     report.watch = False  # run_report.py keeps updating the report until the sampler has finished
@@ -216,6 +262,8 @@ def get_config(variant=None):
     if variant in (None, ""):
         return config
     variants = {"tiny": tiny, "shapes": shapes, "release_full": release_full}
+    variants |= {f"tiny_{name}": tiny_of(name) for name in TINY_FAMILIES}
+    variants["tiny_sd3"] = tiny_sd3
     if variant not in variants:
         raise ValueError(f"unknown config variant {variant!r}; known: {', '.join(variants)}")
     return variants[variant](config)
@@ -256,6 +304,12 @@ def tiny(config):
     # references: `--config.tiny_cache DIR` moves both models
     config.pretrained.model = config.get_ref("tiny_cache") + "/sd"
     config.eval.model = config.get_ref("tiny_cache") + "/clip"
+    config.eval.pickscore_model = config.get_ref("tiny_cache") + "/pickscore"
+    config.eval.pickscore_processor = config.get_ref("tiny_cache") + "/pickscore"
+    config.eval.hpsv2_architecture = config.get_ref("tiny_cache") + "/hpsv2/tiny-hps.json"
+    config.eval.hpsv2_checkpoint = config.get_ref("tiny_cache") + "/hpsv2/HPS_v2.1_compressed.pt"
+    config.eval.aesthetic_clip = config.get_ref("tiny_cache") + "/clip"
+    config.eval.aesthetic_model = config.get_ref("tiny_cache") + "/aesthetic/sac+logos+ava1-l14-linearMSE.pth"
     config.eval.inline = True
     config.mixed_precision = "no"
     config.threads = 1
@@ -273,6 +327,31 @@ def tiny(config):
     config.train.num_epochs = 2
     config.train.num_inner_epochs = 1
     config.train.save_interval = 1
+    return config
+
+
+# config.py:tiny_<name>: the tiny setting on another family's tiny model (d_fusion/tiny.py, docs/METHOD.md §9):
+# sd15 (SD 1.5's UNet), sd21v (SD 2.1 at 768 px, v-prediction), sdxl (SDXL: two text encoders, text_time)
+TINY_FAMILIES = ("sd15", "sd21v", "sdxl")
+
+
+def tiny_of(name):
+    """The variant `tiny` on the tiny model <tiny_cache>/<name>."""
+
+    def variant(config):
+        config = tiny(config)
+        config.pretrained.model = config.get_ref("tiny_cache") + "/" + name
+        return config
+
+    return variant
+
+
+def tiny_sd3(config):
+    """`tiny` on a tiny random-weight SD 3.5 (d_fusion/tiny.py: joint-attention blocks, the first two
+    dual-attention, two CLIPs, no T5), built on first use into `tiny_cache`/sd3."""
+    config = tiny_of("sd3")(config)
+    # 77 CLIP + 256 (zero) T5 tokens: a uniform map is ~1/333 a token; 0.003 keeps part of each object's map
+    config.mask_thr = 0.003
     return config
 
 
@@ -303,6 +382,7 @@ def shapes(config):
     config.heldout.prompt_file = "config/prompt/shapes_test.json"
     config.heldout.images_per_prompt = 4
     config.heldout.batch_size = 16
+    config.heldout.diversity = False  # no CLIP model offline (eval.model is ViT-H-14, a download)
     config.report.each_epoch = True  # data/<exp_name>/report/index.html after every epoch
     config.report.thumbnail = 96
     return config

@@ -49,6 +49,7 @@ BLOCK_GROUPS = ("down_blocks", "mid_block", "up_blocks")
 class Layer:
     name: str  # processor name, e.g. down_blocks.2.attentions.0.transformer_blocks.0.attn1.processor
     block: int  # docs/METHOD.md §6.1's block number
+    part: str  # "down", "mid" or "up": the UNet's part that holds the block
     self_attention: bool
     grid: int  # side of the layer's (square) query grid
     mask_layer: bool  # a cross-attention layer whose grid is the mask resolution
@@ -91,7 +92,8 @@ def attention_layers(unet, mask_resolution=0):
         _check_plain_layer(name, attn)
         block, grid = blocks[_block_key(name)]
         cross = attn.is_cross_attention
-        layers.append(Layer(name, block, not cross, grid, cross and grid == mask_resolution))
+        part = _block_key(name)[0].removesuffix("_blocks").removesuffix("_block")
+        layers.append(Layer(name, block, part, not cross, grid, cross and grid == mask_resolution))
     if not any(layer.mask_layer for layer in layers):
         grids = sorted({layer.grid for layer in layers if not layer.self_attention})
         raise UserError(
@@ -295,6 +297,15 @@ def processors_installed(model, processors):
         yield
     finally:
         model.set_attn_processor(own)
+
+
+def block_parts(layers):
+    """{part: (first block, last block)} of the UNet's parts that have attentions, in forward order."""
+    parts = {}
+    for layer in sorted(layers, key=lambda layer: layer.block):
+        first, _ = parts.get(layer.part, (layer.block, layer.block))
+        parts[layer.part] = (first, layer.block)
+    return parts
 
 
 @contextlib.contextmanager

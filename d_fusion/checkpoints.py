@@ -4,8 +4,8 @@ Every epoch ends with a checkpoint, so a crash loses at most the unfinished epoc
 due by `save_interval` is deleted when the next epoch's is written. At most `num_checkpoint_limit`
 due checkpoints are kept (the oldest go).
 
-A checkpoint holds the UNet's LoRA weights in the format `StableDiffusionPipeline.load_lora_weights`
-reads, the optimizer's state, the gradient scaler's state (fp16) and the global RNG states. The
+A checkpoint holds the UNet's (SD 3: the transformer's) LoRA weights in the format the family's
+pipeline's `load_lora_weights` reads (`StableDiffusionPipeline`, `StableDiffusion3Pipeline`, ...), the optimizer's state, the gradient scaler's state (fp16) and the global RNG states. The
 shuffles and timestep subsets of training come from a generator seeded by (seed, epoch), so these
 make a resumed run follow the uninterrupted one.
 """
@@ -15,7 +15,6 @@ import os
 import shutil
 
 import torch
-from diffusers import StableDiffusionPipeline
 
 from d_fusion import distributed
 from d_fusion.datadir import (
@@ -33,7 +32,12 @@ from d_fusion.trainer import load_lora_state_dict
 
 log = logging.getLogger(__name__)
 
-UNET_PREFIX = "unet."  # how load_lora_weights names the UNet's LoRA keys
+UNET_PREFIX = "unet."  # how load_lora_weights names the UNet's LoRA keys (SD 3: "transformer.")
+
+
+def lora_prefix(family):
+    """The LoRA keys' prefix in the family's load_lora_weights files: its denoiser's name."""
+    return family.denoiser + "."
 
 
 def checkpoint_due(config, epoch):
@@ -44,10 +48,12 @@ def checkpoint_due(config, epoch):
 # ---------------------------------------------------------------- LoRA weights
 
 
-def save_lora(weights, folder):
-    """Write LoRA weights (`trainer.lora_state_dict`'s format) as `load_lora_weights(folder)` reads them."""
-    StableDiffusionPipeline.save_lora_weights(
-        folder, unet_lora_layers=weights, weight_name=CheckpointDir.LORA_WEIGHTS, safe_serialization=True
+def save_lora(family, weights, folder):
+    """Write LoRA weights (`trainer.lora_state_dict`'s format) as the family's pipeline's
+    `load_lora_weights(folder)` reads them."""
+    family.pipeline_class.save_lora_weights(
+        folder, **{f"{family.denoiser}_lora_layers": weights}, weight_name=CheckpointDir.LORA_WEIGHTS,
+        safe_serialization=True,
     )
 
 
@@ -121,7 +127,7 @@ def save_checkpoint(trainer, experiment, epoch):
     tensors, optimizer = _split_optimizer_state(state["optimizer"])
     with atomic_folder(checkpoint.root) as scratch:
         folder = CheckpointDir(scratch)
-        save_lora(state["lora"], scratch)
+        save_lora(trainer.models.family, state["lora"], scratch)
         write_tensors(folder.state_tensors_file, tensors | _rng_states())
         write_json(
             folder.state_file,
@@ -178,7 +184,7 @@ def load_checkpoint(trainer, checkpoint):
         raise UserError(f"checkpoint state {checkpoint.state_file} is incomplete; resume from another checkpoint")
     tensors = read_tensors(checkpoint.state_tensors_file)
     state = dict(
-        lora=read_lora(checkpoint.lora_weights),
+        lora=read_lora(checkpoint.lora_weights, lora_prefix(trainer.models.family)),
         lora_rank=saved["lora_rank"],
         optimizer=_join_optimizer_state(tensors, saved["optimizer"]),
         grad_scaler=saved["grad_scaler"],

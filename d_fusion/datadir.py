@@ -24,16 +24,19 @@
             mask/00000_item0_t05.png  object 0's mask of sample 00000 (a reference, or a base when
                                       fusion.base_masks) at step 5 (0 = noisiest)
             eval/injected_map.json    {target index: [base index, reference index]} (sample indices)
-            eval/images_scores.json   CLIP scores of images/: {"count", "mean", "scores": [one per image]}
+            eval/images_scores.json   scores of images/: {"count", "mean", "scores": [one per image], "reward"}
             eval/injected_images_scores.json   the same for injected_images/
             eval/prompt_history.json  per prompt, the scores of images/ of every epoch up to k
         heldout/<prompt set>/         run_heldout.py on a prompt file (the set is the file's name without .json)
-            table.csv, table.json     per prompt and overall: mean CLIP score of each model, delta vs base
+            table.csv, table.json     per prompt and overall, per reward: mean score of each model, delta and
+                                      wins vs base; each model's diversity
             <model>/                  "base", or the checkpoint's folder name (checkpoint_<k>)
-                settings.json         what made the images (model, checkpoint, prompts, seeds, sampling)
+                settings.json         what made the images (model, checkpoint, prompts, seeds, sampling), each
+                                      reward's scores and the diversity
                 images/00000.png ...  images_per_prompt images per prompt, prompt by prompt; image j's seed is seed + j
                 prompt.json           their prompts, in index order
-                eval/images_scores.json   their CLIP scores, as an epoch's
+                eval/<reward>_scores.json   their scores by one reward (label with = for :, + for ,), as an epoch's
+                eval/diversity.json   per prompt, the mean pairwise 1 - cosine of its images' CLIP embeddings
         report/                       run_report.py: a static HTML report of the folder
             index.html                links images by relative paths inside data/<exp_name>/
             curves_<name>.png         curves over epochs (clip, training, heldout)
@@ -287,12 +290,12 @@ class ImageSet:
     trajectory, the manifest (the prompt list) and the scores. The one owner of the trajectory files:
     nothing outside this module knows their key names or file names."""
 
-    def __init__(self, epoch_root, name, prompts_name, trajectories_name=None):
+    def __init__(self, epoch_root, name, prompts_name, trajectories_name=None, scores_name=None):
         self.name = name
         self.folder = os.path.join(epoch_root, name)
         self.prompts_file = os.path.join(epoch_root, prompts_name)
         self.trajectories = os.path.join(epoch_root, trajectories_name) if trajectories_name else None
-        self.scores_file = os.path.join(epoch_root, "eval", f"{name}_scores.json")
+        self.scores_file = os.path.join(epoch_root, "eval", f"{scores_name or name}_scores.json")
 
     def image_path(self, index):
         return os.path.join(self.folder, image_name(index))
@@ -355,8 +358,17 @@ class ImageSet:
         if os.path.exists(self.scores_file):
             os.remove(self.scores_file)
 
-    def write_scores(self, scores):
-        write_json(self.scores_file, dict(count=len(scores), mean=mean(scores), scores=list(scores)))
+    def scored_by(self):
+        """The reward that made the saved scores (its label, e.g. "clip:1,pickscore:0.5"); None when
+        nothing is scored yet or the file predates the record."""
+        if not os.path.exists(self.scores_file):
+            return None
+        data = read_json(self.scores_file, "scores file")
+        return data.get("reward") if isinstance(data, dict) else None
+
+    def write_scores(self, scores, reward=None):
+        """`reward`: the label of the reward that made them, recorded in the file."""
+        write_json(self.scores_file, dict(count=len(scores), mean=mean(scores), scores=list(scores), reward=reward))
 
 
 class EpochDir:
@@ -482,24 +494,39 @@ def checkpoints_in(folder):
     return [c for c in checkpoint_folders(folder) if c.is_checkpoint()]
 
 
+def file_safe(label):
+    """A reward's label as a file name: "clip:1,pickscore:0.5" -> "clip=1+pickscore=0.5"."""
+    return label.replace(":", "=").replace(",", "+")
+
+
 class HeldoutModelDir:
-    """heldout/<prompt set>/<model>/: one model's held-out images and scores, and what made them."""
+    """heldout/<prompt set>/<model>/: one model's held-out images, their scores by each reward and their
+    diversity, and what made them."""
 
     def __init__(self, root):
         self.root = root
         self.name = os.path.basename(root)
         self.images = ImageSet(root, "images", "prompt.json")
 
+    def scored(self, reward):
+        """The images with their scores by `reward` (its label): eval/<label>_scores.json."""
+        return ImageSet(self.root, "images", "prompt.json", scores_name=file_safe(reward))
+
+    @property
+    def diversity_file(self):
+        return os.path.join(self.root, "eval", "diversity.json")
+
     @property
     def settings_file(self):
         return os.path.join(self.root, "settings.json")
 
     def read_settings(self):
-        """The settings that made the images; None before they are complete."""
+        """{"sampling": what made the images, "scores": {reward label: what made its scores},
+        "diversity": what made diversity.json}; None before the images are complete."""
         return read_json(self.settings_file, "held-out settings") if os.path.exists(self.settings_file) else None
 
     def write_settings(self, settings):
-        """Written last: the model's images and scores are complete."""
+        """Written when the images are complete, then again after each reward's scores and the diversity."""
         write_json(self.settings_file, settings)
 
     def clear(self):
@@ -516,11 +543,6 @@ class HeldoutDir:
     def model(self, name):
         return HeldoutModelDir(os.path.join(self.root, name))
 
-    def models(self):
-        """The models whose results are complete."""
-        names = sorted(os.listdir(self.root)) if os.path.isdir(self.root) else []
-        return [m for m in map(self.model, names) if os.path.isfile(m.settings_file)]
-
     @property
     def table_csv(self):
         return os.path.join(self.root, "table.csv")
@@ -529,17 +551,19 @@ class HeldoutDir:
     def table_json(self):
         return os.path.join(self.root, "table.json")
 
-    def write_table(self, rows):
-        """rows: dicts with the same keys in column order (first "prompt") -> table.csv and table.json."""
+    def write_table(self, rows, rewards):
+        """rows: dicts with the same keys in column order (first "prompt") -> table.csv and table.json;
+        rewards: the labels of the rewards in the columns, in order (JSON only)."""
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         write_text(self.table_csv, text.getvalue())
-        write_json(self.table_json, dict(rows=rows))
+        write_json(self.table_json, dict(rows=rows, rewards=list(rewards)))
 
     def read_table(self):
-        return read_json(self.table_json, "held-out table")["rows"]
+        """{"rows": [...], "rewards": [...]}."""
+        return read_json(self.table_json, "held-out table")
 
 
 class ReportDir:

@@ -59,11 +59,10 @@ def step_noise(generators, shape, device):
     return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators]).to(device)
 
 
-def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, generators=None, prev_sample=None):
-    """x_t -> x_{t'}: returns (prev_sample, log_prob (B,), pred_x0).
+def ddim_step_mean(scheduler, model_output, timestep, sample, eta):
+    """The Gaussian of x_t -> x_{t'}: (mean (B, C, H, W), std (B, 1, 1, 1), pred_x0), in fp32.
 
-    model_output, sample: (B, C, H, W). timestep: int or (B,). Noise comes from `generators`
-    (one per sample) unless `prev_sample`, a given x_{t'} to be scored, is passed.
+    model_output, sample: (B, C, H, W). timestep: int or (B,).
     """
     batch = sample.shape[0]
     sample, model_output = sample.float(), model_output.float()
@@ -75,7 +74,17 @@ def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, gener
     x0, eps = _x0_and_eps(scheduler, model_output, sample, alpha)
     std = _std(alpha, alpha_prev, eta)
     mean = alpha_prev.sqrt() * x0 + (1 - alpha_prev - std**2).sqrt() * eps
+    return mean, std, x0
 
+
+def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, generators=None, prev_sample=None):
+    """x_t -> x_{t'}: returns (prev_sample, log_prob (B,), pred_x0).
+
+    model_output, sample: (B, C, H, W). timestep: int or (B,). Noise comes from `generators`
+    (one per sample) unless `prev_sample`, a given x_{t'} to be scored, is passed.
+    """
+    mean, std, x0 = ddim_step_mean(scheduler, model_output, timestep, sample, eta)
+    sample = sample.float()
     if prev_sample is None:
         if eta > 0:
             prev_sample = mean + std * step_noise(generators, sample.shape[1:], sample.device)

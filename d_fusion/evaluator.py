@@ -14,7 +14,8 @@ import time
 from d_fusion.datadir import ExperimentDir
 from d_fusion.errors import UserError
 from d_fusion.logs import log_cleared_scratch, setup_logging
-from d_fusion.scoring import check_reward, load_scorer_from_config
+from d_fusion.rewards import check_reward, load_scorer_from_config
+from d_fusion.settings import compare_scoring
 from d_fusion.stages import score_pending
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ def run_scorer(config):
     with experiment.hold("scorer"):
         setup_logging(experiment.eval_log_file)
         log_cleared_scratch(experiment.clear_scorer_scratch(), "scorer")
+        compare_scoring(config, experiment)
         watch(config, experiment)
 
 

@@ -9,7 +9,6 @@ import time
 from tqdm.auto import tqdm
 
 from d_fusion import distributed
-from d_fusion.attention import attention_layers
 from d_fusion.datadir import ExperimentDir
 from d_fusion.evaluator import check_eval_config
 from d_fusion.logs import log_cleared_scratch, setup_logging
@@ -71,15 +70,16 @@ def run_epochs(config, experiment):
     log.info("experiment %s: %d prompts, %d samples per epoch", experiment.root, len(prompts), num_samples)
 
     models = load_models_from_config(config)
-    # a mask grid the UNet lacks, or an object the tokenizer cannot find, fails here, before any sampling
-    attention_layers(models.unet, config.fusion.mask_resolution)
+    run = Run.build(config, models, experiment, prompts, objects)
+    # a mask grid the UNet lacks, blocks the transformer lacks, or an object the tokenizer cannot find, fail
+    # here, before any sampling
+    models.family.check_fusion(models, run.fusion)
     item_selection(models.tokenizer, prompts, objects, models.tokenizer.model_max_length)
     warn_long_prompts(models.tokenizer, prompts)
-    run = Run.build(config, models, experiment, prompts, objects)
     scores = ScoreCollector(config, experiment)
     if config.eval.inline:
         scores.scorer()  # a scorer that cannot load fails here, before any sampling
-    # LoRA on models.unet in place (the next epoch samples from it), optimizer, resume_from
+    # LoRA on models.unet (SD 3: the transformer) in place (the next epoch samples from it), optimizer, resume_from
     training = TrainingStage(config, models, experiment) if config.use_lora else None
     if training is None:
         log.warning("config.use_lora is False: no training, every epoch samples from the pretrained UNet")

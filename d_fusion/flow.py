@@ -50,11 +50,10 @@ def flow_step_std(scheduler, timestep, noise_level):
     return (_std(scheduler, sigma, noise_level) * (sigma - sigma_prev).sqrt()).item()
 
 
-def flow_step_with_logprob(scheduler, velocity, timestep, sample, noise_level, generators=None, prev_sample=None):
-    """x -> x': returns (prev_sample, log_prob (B,), mean).
+def flow_step_mean(scheduler, velocity, timestep, sample, noise_level):
+    """The Gaussian of x -> x': (mean (B, C, H, W), std * sqrt(-dt) (B, 1, 1, 1)), in fp32 (steps 1-2).
 
-    velocity, sample: (B, C, H, W). timestep: a float or (B,), among `scheduler.timesteps`. Noise
-    comes from `generators` (one per sample) unless `prev_sample`, a given x' to be scored, is passed.
+    velocity, sample: (B, C, H, W). timestep: a float or (B,), among `scheduler.timesteps`.
     """
     batch = sample.shape[0]
     sample, velocity = sample.float(), velocity.float()
@@ -65,7 +64,16 @@ def flow_step_with_logprob(scheduler, velocity, timestep, sample, noise_level, g
 
     std = _std(scheduler, sigma, noise_level)  # 1.
     mean = sample * (1 + std**2 / (2 * sigma) * dt) + velocity * (1 + std**2 * (1 - sigma) / (2 * sigma)) * dt  # 2.
-    step_std = std * (-dt).sqrt()
+    return mean, std * (-dt).sqrt()
+
+
+def flow_step_with_logprob(scheduler, velocity, timestep, sample, noise_level, generators=None, prev_sample=None):
+    """x -> x': returns (prev_sample, log_prob (B,), mean).
+
+    velocity, sample: (B, C, H, W). timestep: a float or (B,), among `scheduler.timesteps`. Noise
+    comes from `generators` (one per sample) unless `prev_sample`, a given x' to be scored, is passed.
+    """
+    mean, step_std = flow_step_mean(scheduler, velocity, timestep, sample, noise_level)
     if prev_sample is None:  # 3.
         if noise_level > 0:
             prev_sample = mean + step_std * step_noise(generators, sample.shape[1:], sample.device)

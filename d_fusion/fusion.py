@@ -31,6 +31,8 @@ class FusionSettings:
     mask_resolution: int = 0  # grid of the mask layers; 0: latent side // 4
     use_mask: bool = True  # False: K' = K_ref, V' = V_ref everywhere
     base_pass: bool = False  # also regenerate the bases (for their masks)
+    blocks: str = ""  # SD 3's fused blocks (fusion.blocks, d_fusion/sd3_fusion.py); "": the default
+    mask_blocks: str = ""  # SD 3's mask blocks (fusion.mask_blocks); "": the default
     one_call: bool = True  # one UNet call per step: targets' step i with references' step i + 1 (and bases')
 
 

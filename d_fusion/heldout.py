@@ -1,29 +1,33 @@
-"""Held-out evaluation: scores (`config.eval.reward`) of the base model and of LoRA checkpoints on a prompt file, same seeds.
+"""Held-out evaluation: the base model and LoRA checkpoints on a prompt file, same seeds, every reward.
 
 Image j of the evaluation (prompts in file order, `heldout.images_per_prompt` images each) is drawn
 by a generator seeded `seed + j` for every model, so the base model and each checkpoint are
 compared image by image on the same noise. Images are sampled with the experiment's DDIM settings
-and scored with its reward. Each model's images, scores and settings land under
-data/<exp_name>/heldout/<prompt set>/<model>/; a model evaluated before with the same settings is
-reused, so evaluating a new checkpoint does not sample the base model again.
+and scored with each reward of `heldout.rewards` (default: the training reward), so that a run
+trained on one reward can be checked with others for reward hacking. Each model also gets a
+diversity figure: per prompt, the mean pairwise distance 1 - cosine of its images' CLIP image
+embeddings (the `clip` reward's model), averaged over prompts in the overall row.
+
+Each model's images, scores and settings land under data/<exp_name>/heldout/<prompt set>/<model>/;
+images, a reward's scores and the diversity made before with the same settings are reused, so
+evaluating a new checkpoint does not sample the base model again, and adding a reward only scores.
 """
 
 import logging
 import os
 
 import torch
-from PIL import Image
 
-from d_fusion.checkpoints import checkpoints_at, load_lora
-from d_fusion.datadir import ExperimentDir, mean, read_json, score_text
+from d_fusion.checkpoints import checkpoints_at, load_lora, lora_prefix
+from d_fusion.datadir import ExperimentDir, mean, read_image, read_json, score_text, write_json
 from d_fusion.errors import UserError
 from d_fusion.logs import setup_logging
 from d_fusion.models import load_models_from_config
 from d_fusion.prompts import EpochLayout, read_prompt_file, warn_long_prompts
+from d_fusion.rewards import REWARDS, check_reward, load_scorer_from_config, parse_reward, reward_label, reward_settings
 from d_fusion.sampling import encode_prompts, negative_conditioning, sample_images
-from d_fusion.scoring import check_reward, load_scorer_from_config, reward_settings
 from d_fusion.stages import sampler_settings
-from d_fusion.trainer import add_lora
+from d_fusion.trainer import add_model_lora
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +43,46 @@ def model_name(checkpoint):
     return BASE if checkpoint is None else os.path.basename(os.path.normpath(checkpoint.root))
 
 
+def heldout_rewards(config):
+    """`heldout.rewards` as reward specs: "" -> [eval.reward] (the training reward, a weighted sum too);
+    "clip,pickscore" -> each of these rewards."""
+    if not config.heldout.rewards.strip():
+        return [config.eval.reward]
+    names = [name.strip() for name in config.heldout.rewards.split(",")]
+    for name in names:
+        if name not in REWARDS or names.count(name) > 1:
+            raise UserError(
+                f"config.heldout.rewards = {config.heldout.rewards!r}: {name!r} is unknown or repeated; pass "
+                f"reward names out of {', '.join(REWARDS)}, comma-separated, or leave it empty for the training "
+                "reward (config.eval.reward)"
+            )
+    return names
+
+
+def diversity(embeddings, samples):
+    """{prompt: mean over the pairs of that prompt's images (at least 2) of 1 - cos}; embeddings: (N, D)
+    unit rows, samples: the prompt of each row."""
+    groups = {}
+    for index, prompt in enumerate(samples):
+        groups.setdefault(prompt, []).append(index)
+    result = {}
+    for prompt, indices in groups.items():
+        group, n = embeddings[indices], len(indices)  # (n, D)
+        distances = 1 - group @ group.T  # (n, n); the diagonal is 0
+        result[prompt] = float(distances.sum() - distances.diagonal().sum()) / (n * (n - 1))
+    return result
+
+
 class HeldoutEvaluator:
-    """Samples and scores one model after another; SD and the scorer load on first need."""
+    """Samples and scores one model after another; SD and the scorers load on first need."""
 
     def __init__(self, config, prompts):
         self.config = config
         # image j: prompt j // images_per_prompt, its generator seeded seed + j (epoch 0 of this layout)
         self.layout = EpochLayout(tuple(prompts), config.heldout.images_per_prompt, 1, config.seed)
         self.image_prompts = self.layout.sample_prompts  # the prompt of each image
-        self._models = self._scorer = None
+        self.rewards = {reward_label(parse_reward(spec)): spec for spec in heldout_rewards(config)}  # label -> spec
+        self._models, self._scorers, self._clip = None, {}, None
         self._has_lora = False
 
     def models(self):
@@ -56,13 +91,19 @@ class HeldoutEvaluator:
             warn_long_prompts(self._models.tokenizer, self.image_prompts)
         return self._models
 
-    def scorer(self):
-        if self._scorer is None:
-            self._scorer = load_scorer_from_config(self.config)
-        return self._scorer
+    def scorer(self, label):
+        if label not in self._scorers:
+            self._scorers[label] = load_scorer_from_config(self.config, self.rewards[label])
+        return self._scorers[label]
 
-    def settings(self, checkpoint):
-        """Everything that decides a model's images and scores (JSON-able, compared with the saved ones)."""
+    def clip(self):
+        """The `clip` reward's model, for the diversity's image embeddings."""
+        if self._clip is None:
+            self._clip = self._scorers.get("clip") or REWARDS["clip"].from_config(self.config)
+        return self._clip
+
+    def sampling_settings(self, checkpoint):
+        """Everything that decides a model's images (JSON-able, compared with the saved ones)."""
         config, sample = self.config, self.config.sample
         return dict(
             model=config.pretrained.model,
@@ -74,41 +115,44 @@ class HeldoutEvaluator:
             seed=config.seed,
             num_steps=sample.num_steps,
             eta=sample.eta,
+            noise_level=sample.noise_level,
             guidance_scale=sample.guidance_scale,
             cfg=sample.cfg,
-            scorer=reward_settings(config),
         )
 
     def use_weights(self, checkpoint):
-        """The UNet as the base model (adapters off) or with the checkpoint's LoRA."""
-        unet = self.models().unet
+        """The UNet (SD 3: the transformer) as the base model (adapters off) or with the checkpoint's LoRA."""
+        models = self.models()
         if checkpoint is None:
             if self._has_lora:
-                unet.disable_adapters()
+                models.denoiser.disable_adapters()
             return
         if not self._has_lora:
-            add_lora(unet, read_json(checkpoint.state_file, "checkpoint state")["lora_rank"], self.config.seed)
+            add_model_lora(models, read_json(checkpoint.state_file, "checkpoint state")["lora_rank"], self.config.seed)
             self._has_lora = True
-        unet.enable_adapters()
-        load_lora(unet, checkpoint.lora_weights)
+        models.denoiser.enable_adapters()
+        load_lora(models.denoiser, checkpoint.lora_weights, lora_prefix(models.family))
 
     def evaluate(self, model_dir, checkpoint):
-        """The score (config.eval.reward) of every held-out image of a model (image order), reused when its settings match."""
-        settings = self.settings(checkpoint)
-        if model_dir.read_settings() == settings:
-            log.info("%s: reusing its held-out results in %s", model_dir.name, model_dir.root)
-            return model_dir.images.read_scores()
-        model_dir.clear()
-        self.use_weights(checkpoint)
-        scores = self.sample_and_score(model_dir)
-        model_dir.write_settings(settings)
-        return scores
+        """({reward label: the score of every held-out image, image order}, {prompt: diversity} or None) of a
+        model; images, scores and diversity made before with the same settings are reused."""
+        sampling = self.sampling_settings(checkpoint)
+        record = model_dir.read_settings() or {}
+        if record.get("sampling") != sampling:
+            model_dir.clear()
+            self.use_weights(checkpoint)
+            self.sample(model_dir)
+            record = dict(sampling=sampling, scores={})
+            model_dir.write_settings(record)
+        else:
+            log.info("%s: reusing its held-out images in %s", model_dir.name, model_dir.root)
+        scores = {label: self.scores(model_dir, record, label) for label in self.rewards}
+        return scores, self.diversity(model_dir, record)
 
     @torch.no_grad()
-    def sample_and_score(self, model_dir):
+    def sample(self, model_dir):
         models, batch_size, num_images = self.models(), self.config.heldout.batch_size, len(self.image_prompts)
         sampler, negative = sampler_settings(self.config), negative_conditioning(models)
-        scores = []
         for start in range(0, num_images, batch_size):
             indices = range(start, min(start + batch_size, num_images))
             prompts = self.image_prompts[indices.start : indices.stop]
@@ -117,34 +161,71 @@ class HeldoutEvaluator:
                 models, encode_prompts(models, prompts), negative, generators, sampler, progress=False
             )
             model_dir.images.save_images(indices, images)
-            scores += self.scorer().score([Image.fromarray(image) for image in images], prompts)
             model_dir.images.publish(self.image_prompts[: indices.stop])
-            model_dir.images.write_scores(scores)
             log.info("%s: %d of %d held-out images", model_dir.name, indices.stop, num_images)
+
+    def image_batches(self, model_dir):
+        """(PIL images, their prompts) of the model's held-out images, heldout.batch_size at a time."""
+        batch_size = self.config.heldout.batch_size
+        for start in range(0, len(self.image_prompts), batch_size):
+            stop = min(start + batch_size, len(self.image_prompts))
+            yield [read_image(model_dir.images.image_path(i)) for i in range(start, stop)], self.image_prompts[start:stop]
+
+    def scores(self, model_dir, record, label):
+        """The images' scores by one reward: reused when its settings match the recorded ones."""
+        settings, scored = reward_settings(self.config, self.rewards[label]), model_dir.scored(label)
+        if record["scores"].get(label) == settings:
+            return scored.read_scores()
+        scores = []
+        for images, prompts in self.image_batches(model_dir):
+            scores += self.scorer(label).score(images, prompts)
+            scored.write_scores(scores, label)
+        record["scores"][label] = settings
+        model_dir.write_settings(record)
+        log.info("%s: scored with %s, mean %.4f", model_dir.name, label, mean(scores))
         return scores
 
+    def diversity(self, model_dir, record):
+        """{prompt: diversity} (None without heldout.diversity), reused when the CLIP model is the recorded one."""
+        if not self.config.heldout.diversity:
+            return None
+        settings = REWARDS["clip"].settings(self.config)
+        if record.get("diversity") == settings:
+            return read_json(model_dir.diversity_file, "held-out diversity")
+        embeddings = torch.cat([self.clip().image_embeddings(images) for images, _ in self.image_batches(model_dir)])
+        result = diversity(embeddings.cpu(), self.image_prompts)
+        write_json(model_dir.diversity_file, result)
+        record["diversity"] = settings
+        model_dir.write_settings(record)
+        return result
 
-def comparison_table(image_prompts, scores):
-    """Per prompt, then "all prompts": each model's mean score; each checkpoint's mean delta vs base and
-    the fraction of images (same seed) it scores higher than base.
 
-    image_prompts: the prompt of each image; scores: {model: [score of each image]}, base first.
+def comparison_table(image_prompts, scores, diversities=None):
+    """Per prompt, then "all prompts": per reward, each model's mean score, each checkpoint's mean delta vs
+    base and the fraction of images (same seed) it scores higher than base; then each model's diversity.
+
+    image_prompts: the prompt of each image; scores: {reward label: {model: [score of each image]}}, base
+    first; diversities: {model: {prompt: diversity}} or None (no diversity columns).
     """
     groups = {}
     for index, prompt in enumerate(image_prompts):
         groups.setdefault(prompt, []).append(index)
     groups["all prompts"] = list(range(len(image_prompts)))
     rows = []
-    for prompt, indices in groups.items():
-        base = [scores[BASE][i] for i in indices]
+    for position, (prompt, indices) in enumerate(groups.items()):
+        overall = position == len(groups) - 1  # "all prompts"
         row = dict(prompt=prompt, images=len(indices))
-        for name, model_scores in scores.items():
-            row[name] = mean([model_scores[i] for i in indices])
-        for name, model_scores in scores.items():
-            if name != BASE:
-                ours = [model_scores[i] for i in indices]
-                row[f"{name} - base"] = mean([a - b for a, b in zip(ours, base)])
-                row[f"{name} wins"] = mean([float(a > b) for a, b in zip(ours, base)])
+        for label, by_model in scores.items():
+            base = [by_model[BASE][i] for i in indices]
+            for name, model_scores in by_model.items():
+                row[f"{label}: {name}"] = mean([model_scores[i] for i in indices])
+            for name, model_scores in by_model.items():
+                if name != BASE:
+                    ours = [model_scores[i] for i in indices]
+                    row[f"{label}: {name} - base"] = mean([a - b for a, b in zip(ours, base)])
+                    row[f"{label}: {name} wins"] = mean([float(a > b) for a, b in zip(ours, base)])
+        for name, per_prompt in (diversities or {}).items():
+            row[f"diversity: {name}"] = mean(list(per_prompt.values())) if overall else per_prompt[prompt]
         rows.append(row)
     return rows
 
@@ -170,6 +251,11 @@ def check_heldout_config(config):
     heldout = config.heldout
     if heldout.images_per_prompt < 1 or heldout.batch_size < 1:
         raise UserError("config.heldout.images_per_prompt and config.heldout.batch_size must be >= 1")
+    if heldout.diversity and heldout.images_per_prompt < 2:
+        raise UserError(
+            "config.heldout.diversity needs at least 2 images per prompt (config.heldout.images_per_prompt); "
+            "pass --config.heldout.diversity=False to evaluate with one"
+        )
 
 
 def run_heldout(config):
@@ -178,16 +264,20 @@ def run_heldout(config):
     check_heldout_config(config)
     experiment = ExperimentDir(config.save_path, config.exp_name)
     prompts = read_prompt_file(config.heldout.prompt_file)
-    check_reward(config, prompts)
-    checkpoints = checkpoints_at(config.heldout.checkpoint, "heldout.checkpoint") if config.heldout.checkpoint else []
+    for spec in heldout_rewards(config):
+        check_reward(config, prompts, spec)
+    checkpoint = config.heldout.checkpoint
+    checkpoints = checkpoints_at(checkpoint, "heldout.checkpoint") if checkpoint else []
     results = experiment.heldout(prompt_set_name(config.heldout.prompt_file))
     evaluator = HeldoutEvaluator(config, prompts)
-    scores = {}
+    scores, diversities = {label: {} for label in evaluator.rewards}, {}
     for checkpoint in [None, *checkpoints]:
         name = model_name(checkpoint)
-        scores[name] = evaluator.evaluate(results.model(name), checkpoint)
-    rows = comparison_table(evaluator.image_prompts, scores)
-    results.write_table(rows)
+        model_scores, diversities[name] = evaluator.evaluate(results.model(name), checkpoint)
+        for label, values in model_scores.items():
+            scores[label][name] = values
+    rows = comparison_table(evaluator.image_prompts, scores, diversities if config.heldout.diversity else None)
+    results.write_table(rows, list(evaluator.rewards))
     print(format_table(rows))
     log.info("held-out table: %s (and .json)", results.table_csv)
     return rows

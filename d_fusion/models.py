@@ -1,7 +1,9 @@
-"""Loading Stable Diffusion's parts from a diffusers folder or hub id: SD 1.x / 2.x, SDXL, or a tiny model.
+"""Loading Stable Diffusion's parts from a diffusers folder or hub id: SD 1.x / 2.x, SDXL, SD 3 / 3.5, or a
+tiny model.
 
-The family (d_fusion/families.py) comes from the folder's model_index.json; DDIM is built from the
-folder's scheduler config whatever scheduler the pipeline ships (SDXL's is Euler).
+The family (d_fusion/families.py) comes from the folder's model_index.json and loads its parts
+(SD 3's: `sd3.load_sd3_models`); for the UNet families DDIM is built from the folder's scheduler
+config whatever scheduler the pipeline ships (SDXL's is Euler).
 """
 
 import logging
@@ -20,12 +22,47 @@ from d_fusion.families import FAMILIES
 
 log = logging.getLogger(__name__)
 
-PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # every family's (SDXL adds its second CLIP)
+PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")  # every family's, with its unet/ or transformer/
 TEXT_ENCODERS = dict(text_encoder=CLIPTextModel, text_encoder_2=CLIPTextModelWithProjection)
 
 
+class LatentModel:
+    """What every family's parts share: sizes from the denoiser's config, the family's pipeline on them."""
+
+    @property
+    def denoiser(self):
+        """The UNet, or SD 3's transformer."""
+        return getattr(self, self.family.denoiser)
+
+    @property
+    def latent_shape(self):
+        """(C, H, W) of one latent."""
+        size = self.denoiser.config.sample_size
+        return (self.denoiser.config.in_channels, size, size)
+
+    @property
+    def vae_scale_factor(self):
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self):
+        return self.denoiser.config.sample_size * self.vae_scale_factor
+
+    def pipeline(self):
+        """The family's diffusers pipeline on these very parts (with its own scheduler: DDIM, or SD 3's flow
+        matching one)."""
+        pipeline = self.family.pipeline_class(
+            vae=self.vae,
+            scheduler=type(self.scheduler).from_config(self.scheduler.config),
+            **{self.family.denoiser: self.denoiser},
+            **self.family.pipeline_parts(self),
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+
 @dataclass
-class StableDiffusion:
+class StableDiffusion(LatentModel):
     family: type  # a family of d_fusion/families.py
     unet: UNet2DConditionModel
     vae: AutoencoderKL
@@ -37,31 +74,6 @@ class StableDiffusion:
     text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL
     tokenizer_2: CLIPTokenizer | None = None
     force_zeros_for_empty_prompt: bool = False  # SDXL: the unconditional conditioning is zeros
-
-    @property
-    def latent_shape(self):
-        """(C, H, W) of one latent."""
-        size = self.unet.config.sample_size
-        return (self.unet.config.in_channels, size, size)
-
-    @property
-    def vae_scale_factor(self):
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def resolution(self):
-        return self.unet.config.sample_size * self.vae_scale_factor
-
-    def pipeline(self):
-        """The family's diffusers pipeline on these very parts (with its own DDIM scheduler)."""
-        pipeline = self.family.pipeline_class(
-            vae=self.vae,
-            unet=self.unet,
-            scheduler=DDIMScheduler.from_config(self.scheduler.config),
-            **self.family.pipeline_parts(self),
-        )
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline
 
 
 def resolve_device(dev_id):
@@ -94,7 +106,8 @@ def check_model_path(name):
         if missing:
             raise UserError(
                 f"config.pretrained.model = {name!r} is a folder but lacks {', '.join(p + '/' for p in missing)}: "
-                "pass a diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+                "pass a diffusers Stable Diffusion folder (unet/ or transformer/, vae/, text_encoder/, tokenizer/, "
+                "scheduler/)"
             )
         return
     if not _looks_like_hub_id(name):
@@ -108,9 +121,10 @@ def check_model_path(name):
 HUB_TIMEOUT = 20  # seconds to reach the hub before a hub id that is not downloaded yet fails
 
 
-def check_hub_reachable(model, revision):
+def check_hub_reachable(model, revision, field="pretrained.model", folder="sd21"):
     """A hub id that is not in the local cache must be downloadable: one look at the hub, at most
-    HUB_TIMEOUT seconds, instead of from_pretrained's minutes of retries without a network."""
+    HUB_TIMEOUT seconds, instead of from_pretrained's minutes of retries without a network.
+    `field`: the setting that names it; `folder`: the download folder the message suggests."""
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         return  # from_pretrained reads the cache only, and fails at once without it
     try:
@@ -122,9 +136,9 @@ def check_hub_reachable(model, revision):
         huggingface_hub.model_info(model, revision=revision, timeout=HUB_TIMEOUT)
     except Exception as error:  # no network, a timeout, an unknown id: the hub's and httpx's error types
         raise UserError(
-            f"config.pretrained.model = {model!r} is not downloaded and the Hugging Face hub cannot give it "
+            f"config.{field} = {model!r} is not downloaded and the Hugging Face hub cannot give it "
             f"({type(error).__name__}: {error}). Download it on a machine with a network (e.g. hf "
-            f"download {model} --local-dir sd21) and pass its folder: --config.pretrained.model sd21"
+            f"download {model} --local-dir {folder}) and pass its folder: --config.{field} {folder}"
         ) from None
 
 
@@ -144,11 +158,33 @@ def model_family(model, revision="main"):
 
 
 def load_models(model, revision="main", mixed_precision="fp16", dev_id=0):
-    """Every part of Stable Diffusion, frozen, on the device, in the inference dtype."""
+    """Every part of the model's family, frozen, on the device, in the inference dtype."""
     check_model_path(model)
     if not os.path.isdir(model):
         check_hub_reachable(model, revision)
     family, index = model_family(model, revision)
+    return family.load(model, revision, mixed_precision, dev_id, index)
+
+
+def freeze(parts, device):
+    """Each part (None: one left out) without gradients, in eval mode, on the device."""
+    for part in parts:
+        if part is not None:
+            part.requires_grad_(False)
+            part.eval()
+            part.to(device)
+
+
+def loading_error(what, model, error):
+    """The UserError of a model whose parts do not load."""
+    return UserError(
+        f"could not load {what} from config.pretrained.model = {model!r} ({error}). "
+        "Pass a local diffusers folder, or a hub id on a machine that can download it"
+    )
+
+
+def load_unet_models(family, model, revision, mixed_precision, dev_id, index):
+    """A UNet family's parts (`StableDiffusion`), DDIM's scheduler from the folder's config."""
     device = resolve_device(dev_id)
     dtype = inference_dtype(mixed_precision, device)
     kwargs = {} if os.path.isdir(model) else {"revision": revision}
@@ -163,14 +199,8 @@ def load_models(model, revision="main", mixed_precision="fp16", dev_id=0):
         unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype, **kwargs)
         scheduler = DDIMScheduler.from_pretrained(model, subfolder="scheduler", **kwargs)
     except OSError as error:
-        raise UserError(
-            f"could not load Stable Diffusion from config.pretrained.model = {model!r} ({error}). "
-            "Pass a local diffusers folder, or a hub id on a machine that can download it"
-        ) from None
-    for part in [vae, unet] + [p for name, p in text.items() if name.startswith("text_encoder")]:
-        part.requires_grad_(False)
-        part.eval()
-        part.to(device)
+        raise loading_error("Stable Diffusion", model, error) from None
+    freeze([vae, unet] + [p for name, p in text.items() if name.startswith("text_encoder")], device)
     models = StableDiffusion(
         family, unet, vae, scheduler=scheduler, device=device, dtype=dtype,
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)), **text,

@@ -58,12 +58,43 @@ def ppo_loss(log_prob, old_log_prob, advantages, eps):
     return loss, stats
 
 
-def per_prompt_advantages(scores, prompts, clip):
-    """DDPO's advantages: (s - mean_p) / (std_p + 1e-6) over each prompt's scores, clipped to +-clip: (N,)."""
+def gaussian_kl(mean, ref_mean, std):
+    """KL(N(mean, std^2) || N(ref_mean, std^2)) averaged over the latent dims: mean((mean - ref_mean)^2 / (2 std^2)).
+
+    mean, ref_mean: (B, C, H, W); std: (B, 1, 1, 1), > 0. Returns (B,).
+    """
+    return ((mean - ref_mean) ** 2 / (2 * std**2)).mean(dim=tuple(range(1, mean.ndim)))
+
+
+def dpok_loss(log_prob, old_log_prob, advantages, mean, ref_mean, std, eps, kl_weight):
+    """DPOK (Fan et al., NeurIPS 2023; docs/METHOD.md §8): DDPO's PPO-clip term plus kl_weight x the step's
+    closed-form KL to the pretrained model,
+
+        loss = ppo_loss + kl_weight * mean((mu_theta(x_t) - mu_ref(x_t))^2 / (2 std_t^2))
+
+    mean, ref_mean: the step's mean under the policy and the reference (B, C, H, W); std: (B, 1, 1, 1).
+    Returns (loss (B,), stats {name: (B,)}).
+    """
+    loss, stats = ppo_loss(log_prob, old_log_prob, advantages, eps)
+    kl = gaussian_kl(mean, ref_mean, std)
+    return loss + kl_weight * kl, stats | dict(kl=kl)
+
+
+def per_prompt_advantages(scores, prompts, clip, history=None, buffer_size=0, min_count=0):
+    """DDPO's advantages: (s - mean_p) / (std_p + 1e-6) per prompt, clipped to +-clip: (N,).
+
+    Without `buffer_size` the statistics are those of the prompt's scores in `scores` (this epoch's).
+    With it, ddpo-pytorch's per-prompt stat tracking: those of the prompt's last `buffer_size` scores
+    (`history[prompt]`: its scores of earlier epochs, oldest first, then this epoch's), or of all of
+    `scores` (batch-wide) while that buffer holds fewer than `min_count`.
+    """
     scores = torch.as_tensor(scores, dtype=torch.float32)
     advantages = torch.empty_like(scores)
-    for prompt in set(prompts):
+    for prompt in dict.fromkeys(prompts):
         rows = torch.tensor([i for i, p in enumerate(prompts) if p == prompt])
         group = scores[rows]
-        advantages[rows] = (group - group.mean()) / (group.std(unbiased=False) + 1e-6)
+        if buffer_size:
+            buffer = torch.tensor((list((history or {}).get(prompt, [])) + group.tolist())[-buffer_size:])
+            group = buffer if len(buffer) >= min_count else scores
+        advantages[rows] = (scores[rows] - group.mean()) / (group.std(unbiased=False) + 1e-6)
     return advantages.clamp(-clip, clip)

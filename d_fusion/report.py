@@ -1,6 +1,6 @@
 """The experiment's report: data/<exp_name>/ -> report/index.html, epoch grids and curves (static, no server).
 
-Per epoch, each target is a row reference | base | target | mask overlay with the CLIP scores and
+Per epoch, each target is a row reference | base | target | mask overlay with the scores and
 the target-vs-base delta; curves follow the scores over epochs, the DPO loss and preference
 accuracy of metrics.jsonl, and held-out scores when run_heldout.py has made some. index.html links
 the experiment's own PNGs by relative paths inside data/<exp_name>/ (copy the whole folder to share
@@ -59,7 +59,7 @@ def stale(output, inputs):
 
 @dataclass
 class TargetRow:
-    """A target of an epoch, its reference and base (sample indices) and their CLIP scores (None: not yet)."""
+    """A target of an epoch, its reference and base (sample indices) and their scores (None: not yet)."""
 
     target: int
     prompt: str
@@ -118,12 +118,28 @@ def read_epoch(experiment, k):
     return EpochView(k, epoch_dir, prompts, scores, target_scores, rows)
 
 
-def heldout_means(experiment):
-    """{prompt set: {model: mean held-out score}} of every complete held-out result."""
+def heldout_tables(experiment):
+    """{prompt set: its held-out table ({"rows", "rewards"})} of every prompt set run_heldout.py has a table of."""
     return {
-        name: {m.name: mean(m.images.read_scores()) for m in experiment.heldout(name).models()}
+        name: experiment.heldout(name).read_table()
         for name in experiment.heldout_sets()
+        if os.path.exists(experiment.heldout(name).table_json)
     }
+
+
+def heldout_means(tables):
+    """{prompt set: {model: mean held-out score by the table's first reward}}, and that reward's label."""
+    means, first = {}, None
+    for name, table in tables.items():
+        first = first or table["rewards"][0]
+        prefix = f"{table['rewards'][0]}: "
+        overall = table["rows"][-1]  # "all prompts"
+        means[name] = {
+            column[len(prefix) :]: value
+            for column, value in overall.items()
+            if column.startswith(prefix) and not column.endswith((" - base", " wins"))
+        }
+    return means, first
 
 
 # ---------------------------------------------------------------- pictures: overlays and grids
@@ -214,7 +230,7 @@ def _figure(num_panels):
     return figure, axes[0]
 
 
-SCORE_SPAN = 0.05  # the least y range of a score plot: CLIP scores move by hundredths, not in their last digits
+SCORE_SPAN = 0.05  # the least y range of a score plot: scores move by hundredths, not in their last digits
 LOSS_SPAN = 0.05
 
 
@@ -230,8 +246,9 @@ def readable_y(axis, values, min_span, limits=None):
         axis.set_ylim(middle - min_span / 2, middle + min_span / 2)
 
 
-def clip_curve(views):
-    """Mean CLIP score of the samples and of the targets per epoch; None before any score."""
+def score_curve(views):
+    """Mean score of the samples and of the targets per epoch, labelled by the reward the score files
+    record; None before any score."""
     samples = [(v.epoch, mean(v.scores)) for v in views if v.scores]
     targets = [(v.epoch, mean(v.target_scores)) for v in views if v.target_scores]
     if not samples:
@@ -241,7 +258,9 @@ def clip_curve(views):
         if points:
             axis.plot(*zip(*points), marker="o", label=label)
     readable_y(axis, [score for _, score in samples + targets], SCORE_SPAN)
-    axis.set(xlabel="epoch", ylabel="mean CLIP score", title="CLIP score")
+    rewards = {v.folder.sampled.scored_by() for v in views if v.scores} - {None}
+    reward = ", ".join(sorted(rewards)) or "clip"  # files written before the record: the CLIP score
+    axis.set(xlabel="epoch", ylabel=f"mean score ({reward})", title=f"reward: {reward}")
     axis.legend()
     return figure
 
@@ -261,8 +280,8 @@ def training_curve(metrics):
     return figure
 
 
-def heldout_curve(means):
-    """Held-out mean score of each checkpoint_<k> at epoch k; the base model as a dashed line."""
+def heldout_curve(means, reward):
+    """Held-out mean score (by `reward`) of each checkpoint_<k> at epoch k; the base model as a dashed line."""
     if not means:
         return None
     figure, (axis,) = _figure(1)
@@ -274,7 +293,7 @@ def heldout_curve(means):
             colour = line[0].get_color() if line else None
             axis.axhline(models["base"], linestyle="--", color=colour, label=f"{prompt_set}: base model")
     readable_y(axis, [mean for models in means.values() for mean in models.values()], SCORE_SPAN)
-    axis.set(xlabel="epoch of the checkpoint", ylabel="mean CLIP score", title="held-out prompts")
+    axis.set(xlabel="epoch of the checkpoint", ylabel=f"mean {reward} score", title="held-out prompts")
     axis.legend()
     return figure
 
@@ -294,15 +313,15 @@ def draw_curves(experiment, views):
     """{name: PNG path or None} of the clip, training and heldout curves."""
     report = experiment.report
     score_files = [f for v in views for f in (v.folder.sampled.scores_file, v.folder.injected.scores_file)]
-    heldout_files = [
-        m.settings_file for name in experiment.heldout_sets() for m in experiment.heldout(name).models()
-    ]
+    heldout_files = [experiment.heldout(name).table_json for name in experiment.heldout_sets()]
     return dict(
-        clip=update_curve(report.curves("clip"), score_files, lambda: clip_curve(views)),
+        clip=update_curve(report.curves("clip"), score_files, lambda: score_curve(views)),
         training=update_curve(
             report.curves("training"), [experiment.metrics_file], lambda: training_curve(experiment.read_metrics())
         ),
-        heldout=update_curve(report.curves("heldout"), heldout_files, lambda: heldout_curve(heldout_means(experiment))),
+        heldout=update_curve(
+            report.curves("heldout"), heldout_files, lambda: heldout_curve(*heldout_means(heldout_tables(experiment)))
+        ),
     )
 
 
@@ -393,11 +412,8 @@ def table_html(rows):
 def heldout_html(experiment):
     """Per prompt set: the overall row, then the per-prompt table folded."""
     parts = []
-    for name in experiment.heldout_sets():
-        results = experiment.heldout(name)
-        if not os.path.exists(results.table_json):
-            continue
-        rows = results.read_table()  # per prompt, then "all prompts"
+    for name, table in heldout_tables(experiment).items():
+        rows = table["rows"]  # per prompt, then "all prompts"
         parts += [
             f"<h3>{html.escape(name)}</h3>",
             table_html(rows[-1:]),

@@ -1,12 +1,6 @@
-"""Rewards: what scores an image against its prompt (docs/METHOD.md §5).
-
-`config.eval.reward` names the reward, a class in `REWARDS` with
-- `from_config(config)`: the loaded scorer;
-- `check_prompts(prompts)`: a UserError at start-up, before any work, for prompts it cannot score;
-- `score(images, prompts) -> [float]`: PIL images, one prompt each, scores in image order.
-
-- `clip` (default): the release's CLIP score, open_clip, cosine of normalised embeddings;
-- `shapes`: the exact alignment reward of the shapes world (`d_fusion.shapes.reward`).
+"""The CLIP scorer (docs/METHOD.md §5): the release's reward, cosine of open_clip's normalised image
+and text embeddings of an image and its own prompt. d_fusion/rewards.py names it `clip` among
+the other rewards, and says what every reward offers.
 
 The release scores with `ViT-H-14` / `laion2B-s32B-b79K`. `config.eval.model` may also be an open_clip
 folder (`open_clip_config.json` + weights, as the tiny scorer is saved), an `hf-hub:` id, or an
@@ -15,6 +9,7 @@ architecture name with `config.eval.pretrained` a checkpoint file.
 
 import logging
 import os
+import pickle
 
 import open_clip
 import torch
@@ -22,7 +17,6 @@ import torch
 from d_fusion import distributed
 from d_fusion.errors import UserError
 from d_fusion.models import resolve_device
-from d_fusion.shapes.reward import ShapesReward
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +54,11 @@ class ClipScorer:
     def check_prompts(prompts):
         """Any text can be scored."""
 
+    @staticmethod
+    def settings(config):
+        """The settings that decide its scores, besides its name."""
+        return [config.eval.model, config.eval.pretrained]
+
     def score(self, images, prompts):
         """CLIP score of each image against its own prompt, in order: a list of floats in [-1, 1]."""
         if len(images) != len(prompts):
@@ -75,52 +74,36 @@ def open_clip_name(model):
     return model
 
 
-def load_scorer(model, pretrained="", dev_id=0):
+def create_open_clip(name, pretrained, device, what, hint):
+    """(model, preprocess, tokenizer) of open_clip model `name` (weights: `pretrained`, a tag or a file;
+    None when the name brings its own); a load failure is a UserError: `what` (the error). `hint`"""
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, device=device, require_pretrained=True
+        )
+        return model, preprocess, open_clip.get_tokenizer(name)
+    except (RuntimeError, ValueError, OSError, pickle.UnpicklingError) as error:
+        raise UserError(f"{what} ({error}). {hint}") from None
+
+
+def load_scorer(model, pretrained="", dev_id=0, fields=("eval.model", "eval.pretrained")):
+    """The CLIP scorer of open_clip `model` with `pretrained`; `fields`: the settings that gave them."""
     device = resolve_device(dev_id)
     name = open_clip_name(model)
     schema, _ = open_clip.factory.parse_model_name(name)
     if not schema and not pretrained:
         raise UserError(
-            f"config.eval.pretrained is empty, so the CLIP scorer {model!r} would score with random weights: pass "
+            f"config.{fields[1]} is empty, so the CLIP scorer {model!r} would score with random weights: pass "
             "a pretrained tag (laion2B-s32B-b79K for ViT-H-14) or a checkpoint file, or an open_clip folder as "
-            "config.eval.model"
+            f"config.{fields[0]}"
         )
-    try:
-        clip, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=None if schema else pretrained, device=device, require_pretrained=True
-        )
-        tokenizer = open_clip.get_tokenizer(name)
-    except (RuntimeError, ValueError, OSError) as error:
-        raise UserError(
-            f"could not load the CLIP scorer config.eval.model = {model!r}, config.eval.pretrained = "
-            f"{pretrained!r} ({error}). Pass an open_clip architecture and pretrained tag (downloaded on "
-            "first use), an architecture and a checkpoint file, or an open_clip folder"
-        ) from None
+    clip, preprocess, tokenizer = create_open_clip(
+        name,
+        None if schema else pretrained,
+        device,
+        f"could not load the CLIP scorer config.{fields[0]} = {model!r}, config.{fields[1]} = {pretrained!r}",
+        "Pass an open_clip architecture and pretrained tag (downloaded on first use), an architecture and a "
+        "checkpoint file, or an open_clip folder",
+    )
     log.info("loaded CLIP scorer %s (%s) on %s", model, pretrained if not schema else "its own weights", device)
     return ClipScorer(clip, preprocess, tokenizer, device)
-
-
-REWARDS = {"clip": ClipScorer, "shapes": ShapesReward}
-
-
-def reward_class(config):
-    if config.eval.reward not in REWARDS:
-        raise UserError(f"config.eval.reward = {config.eval.reward!r}; known rewards: {', '.join(REWARDS)}")
-    return REWARDS[config.eval.reward]
-
-
-def check_reward(config, prompts):
-    """An unknown reward, or prompts the reward cannot score, fail at start-up."""
-    reward_class(config).check_prompts(prompts)
-
-
-def reward_settings(config):
-    """What decides the scores (saved with held-out results): the reward and, for CLIP, its model."""
-    if config.eval.reward == "clip":
-        return [config.eval.model, config.eval.pretrained]
-    return [config.eval.reward]
-
-
-def load_scorer_from_config(config):
-    """The scorer `config.eval.reward` names."""
-    return reward_class(config).from_config(config)

@@ -1,11 +1,12 @@
-"""Stable Diffusion 3 / 3.5: loading, prompt encoding, flow sampling with recorded trajectories
-(docs/METHOD.md §10).
+"""Stable Diffusion 3 / 3.5: loading, prompt encoding, the flow step that sampling, fusion and training
+take (docs/METHOD.md §10); `families.StableDiffusion3Family` hands them to the loop.
 
 The parts load from a diffusers folder or hub id as `StableDiffusion3Pipeline.from_pretrained`
 reads them; T5 (`text_encoder_3`) is optional, as the pipeline allows, and its part of the text
 sequence is zeros without it. Sampling follows `StableDiffusion3Pipeline` (same sigmas, CFG as
 [uncond; cond], per-sample initial noise) with the stochastic flow step of `d_fusion.flow`; with
-noise level 0 and the same initial noise its final latents are the pipeline's. Every sample owns
+noise level 0 and the same initial noise its final latents are the pipeline's (`sampling.sample_trajectories`
+with `FLOW`, the family's solver). Every sample owns
 its generator (`sampling.sample_generators`): it draws x_1 and every step's noise, so a sample
 regenerates exactly, alone or in any batch.
 """
@@ -18,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-from tqdm.auto import tqdm
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from d_fusion.errors import UserError
-from d_fusion.flow import flow_step_with_logprob
-from d_fusion.models import check_hub_reachable, inference_dtype, resolve_device
-from d_fusion.sampling import Trajectories, decode_images, initial_latents
+from d_fusion.families import Conditioning, StableDiffusion3Family
+from d_fusion.flow import flow_step_mean, flow_step_std, flow_step_with_logprob
+from d_fusion.models import LatentModel, check_hub_reachable, freeze, inference_dtype, loading_error, resolve_device
+from d_fusion.sampling import guided, row_timesteps
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "t
 
 
 @dataclass
-class StableDiffusion3:
+class StableDiffusion3(LatentModel):
     transformer: SD3Transformer2DModel
     vae: AutoencoderKL
     text_encoder: CLIPTextModelWithProjection
@@ -45,36 +46,7 @@ class StableDiffusion3:
     device: torch.device
     dtype: torch.dtype  # inference dtype of the frozen parts
     max_sequence_length: int = 256  # T5 tokens after the 77 CLIP tokens, as the pipeline's default
-
-    @property
-    def latent_shape(self):
-        """(C, H, W) of one latent."""
-        size = self.transformer.config.sample_size
-        return (self.transformer.config.in_channels, size, size)
-
-    @property
-    def vae_scale_factor(self):
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def resolution(self):
-        return self.transformer.config.sample_size * self.vae_scale_factor
-
-    def pipeline(self):
-        """diffusers' StableDiffusion3Pipeline on these very parts (with its own scheduler)."""
-        pipeline = StableDiffusion3Pipeline(
-            transformer=self.transformer,
-            scheduler=FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config),
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            text_encoder_2=self.text_encoder_2,
-            tokenizer_2=self.tokenizer_2,
-            text_encoder_3=self.text_encoder_3,
-            tokenizer_3=self.tokenizer_3,
-        )
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline
+    family: type = StableDiffusion3Family
 
 
 def _has_t5(model, kwargs):
@@ -114,16 +86,9 @@ def load_sd3_models(model, revision="main", mixed_precision="fp16", dev_id=0, t5
         transformer = SD3Transformer2DModel.from_pretrained(model, subfolder="transformer", torch_dtype=dtype, **kwargs)
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler", **kwargs)
     except OSError as error:
-        raise UserError(
-            f"could not load Stable Diffusion 3 from config.pretrained.model = {model!r} ({error}). "
-            "Pass a local diffusers folder, or a hub id on a machine that can download it"
-        ) from None
+        raise loading_error("Stable Diffusion 3", model, error) from None
     (tokenizer, text_encoder), (tokenizer_2, text_encoder_2) = texts
-    for part in (text_encoder, text_encoder_2, t5_parts[0], vae, transformer):
-        if part is not None:
-            part.requires_grad_(False)
-            part.eval()
-            part.to(device)
+    freeze((text_encoder, text_encoder_2, t5_parts[0], vae, transformer), device)
     models = StableDiffusion3(
         transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, *t5_parts, scheduler, device, dtype
     )
@@ -133,24 +98,6 @@ def load_sd3_models(model, revision="main", mixed_precision="fp16", dev_id=0, t5
 
 
 # ---------------------------------------------------------------- prompts
-
-
-@dataclass
-class TextConditioning:
-    """What the transformer reads of a batch of prompts."""
-
-    embeds: torch.Tensor  # (B, 77 + L, D): both CLIPs' tokens (zero-padded to D), then T5's L tokens
-    pooled: torch.Tensor  # (B, P): both CLIPs' pooled projections, concatenated
-
-    def __getitem__(self, rows):
-        return TextConditioning(self.embeds[rows], self.pooled[rows])
-
-    def expand(self, batch):
-        return TextConditioning(self.embeds.expand(batch, -1, -1), self.pooled.expand(batch, -1))
-
-    @staticmethod
-    def cat(parts):
-        return TextConditioning(torch.cat([p.embeds for p in parts]), torch.cat([p.pooled for p in parts]))
 
 
 def _clip_embeddings(tokenizer, text_encoder, prompts, device):
@@ -176,7 +123,9 @@ def _t5_embeddings(models, prompts):
 
 @torch.no_grad()
 def encode_sd3_prompts(models, prompts):
-    """`StableDiffusion3Pipeline.encode_prompt` of `prompts` (the same prompt for all three encoders).
+    """`StableDiffusion3Pipeline.encode_prompt` of `prompts` (the same prompt for all three encoders), as a
+    `Conditioning`: embeds (B, 77 + L, D), both CLIPs' tokens (zero-padded to D), then T5's L tokens;
+    pooled (B, P), both CLIPs' pooled projections, concatenated.
 
     The negative (unconditional) conditioning of CFG is `encode_sd3_prompts(models, [""])`, the
     pipeline's default negative prompt.
@@ -188,7 +137,7 @@ def encode_sd3_prompts(models, prompts):
     t5 = _t5_embeddings(models, prompts)
     clip = torch.cat([h1, h2], dim=-1)  # (B, 77, d1 + d2)
     clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # (B, 77, D)
-    return TextConditioning(torch.cat([clip, t5], dim=1), torch.cat([p1, p2], dim=-1))  # (B, 77 + L, D), (B, P)
+    return Conditioning(torch.cat([clip, t5], dim=1), torch.cat([p1, p2], dim=-1))  # (B, 77 + L, D), (B, P)
 
 
 # ---------------------------------------------------------------- sampling
@@ -211,67 +160,42 @@ def set_flow_timesteps(scheduler, transformer, num_steps, device):
 def guided_velocity(transformer, latents, timestep, text, negative, guidance_scale, cfg=True, attention_kwargs=None):
     """The transformer's velocity with classifier-free guidance.
 
-    latents: (B, C, H, W); text, negative: `TextConditioning` of B rows. With CFG the batch is
+    latents: (B, C, H, W); text, negative: `Conditioning`s of B rows. With CFG the batch is
     [uncond; cond], as the pipeline does.
     """
     if cfg:
-        latents, text = torch.cat([latents, latents]), TextConditioning.cat([negative, text])  # (2B, ...)
+        latents, text = torch.cat([latents, latents]), Conditioning.cat([negative, text])  # (2B, ...)
     input_dtype = transformer.pos_embed.proj.weight.dtype
     output = transformer(
         hidden_states=latents.to(input_dtype),
-        timestep=torch.as_tensor(timestep, device=latents.device).expand(latents.shape[0]),
+        timestep=row_timesteps(timestep, latents.shape[0], latents.device),
         encoder_hidden_states=text.embeds,
         pooled_projections=text.pooled,
         joint_attention_kwargs=attention_kwargs,
     ).sample.float()
-    if not cfg:
-        return output
-    uncond, cond = output.chunk(2)
-    return uncond + guidance_scale * (cond - uncond)
+    return guided(output, guidance_scale, cfg)
 
 
-class FlowDenoising:
-    """A batch on its way from x_1 (pure noise): its latents so far, log-probs, generators, prompts."""
+class FLOW:
+    """SD 3's step: `sampling.DDIM`'s methods for the stochastic flow step (`sample.noise_level`)."""
 
-    def __init__(self, models, generators, text, negative):
-        self.generators, self.text = generators, text
-        self.negative = negative.expand(len(generators))
-        self.latents = [initial_latents(generators, models.latent_shape, models.device)]  # x_1: (B, C, H, W)
-        self.log_probs = []
+    prediction = staticmethod(guided_velocity)  # the velocity takes the noise prediction's place
+    level = "noise_level"
 
-    def step(self, transformer, scheduler, timestep, noise_level, guidance_scale, cfg=True, attention_kwargs=None):
-        """One flow step; `attention_kwargs` reach the attention processors (fusion's state)."""
-        latents = self.latents[-1]
-        velocity = guided_velocity(
-            transformer, latents, timestep, self.text, self.negative, guidance_scale, cfg, attention_kwargs
-        )
-        latents, log_prob, _ = flow_step_with_logprob(scheduler, velocity, timestep, latents, noise_level, self.generators)
-        self.latents.append(latents)
-        self.log_probs.append(log_prob)
+    @staticmethod
+    def set_timesteps(models, num_steps):
+        return set_flow_timesteps(models.scheduler, models.transformer, num_steps, models.device)
 
-    def trajectories(self, timesteps):
-        return Trajectories(torch.stack(self.latents, dim=1), torch.stack(self.log_probs, dim=1), timesteps.cpu())
+    @staticmethod
+    def step(scheduler, prediction, timestep, latents, sampler, generators=None, prev_sample=None):
+        """(x', log_prob (B,), mean) of the step from x = `latents`, with SamplerSettings `sampler`."""
+        return flow_step_with_logprob(scheduler, prediction, timestep, latents, sampler.noise_level, generators, prev_sample)
 
+    @staticmethod
+    def step_mean(scheduler, prediction, timestep, latents, sampler):
+        """The step's mean (B, C, H, W) and std (B, 1, 1, 1)."""
+        return flow_step_mean(scheduler, prediction, timestep, latents, sampler.noise_level)
 
-@torch.no_grad()
-def sample_flow_trajectories(
-    models, text, negative, generators, num_steps, noise_level, guidance_scale, cfg=True, progress=True
-):
-    """Denoise from each generator's x_1 with the stochastic flow step, keeping every latent and log-prob.
-
-    text: `TextConditioning` (B rows); negative: that of the empty prompt (1 row). The trajectories'
-    timesteps are the scheduler's (float32, sigma * 1000).
-    """
-    transformer, scheduler = models.transformer, models.scheduler
-    timesteps = set_flow_timesteps(scheduler, transformer, num_steps, models.device)
-    batch = FlowDenoising(models, generators, text, negative)
-    for t in tqdm(timesteps, desc="timestep", leave=False, disable=not progress):
-        batch.step(transformer, scheduler, t, noise_level, guidance_scale, cfg)
-    return batch.trajectories(timesteps)
-
-
-@torch.no_grad()
-def decode_sd3_images(models, latents):
-    """Final latents (B, 16, H, W) -> uint8 images (B, H, W, 3): the VAE reads latents / scaling + shift."""
-    config = models.vae.config
-    return decode_images(models, latents + config.shift_factor * config.scaling_factor)  # decode_images divides by scaling
+    @staticmethod
+    def step_std(scheduler, timestep, sampler):
+        return flow_step_std(scheduler, timestep, sampler.noise_level)

@@ -8,7 +8,7 @@ check. Both run before any model loads.
 `record_or_compare` writes data/<exp_name>/config.json at an experiment's first start (the whole
 config, the package versions and the project's git commit); a rerun compares its settings with
 the recorded ones and stops, listing every changed field, unless the field is one of
-`config.config.RERUN_MAY_CHANGE`.
+`config.config.RERUN_MAY_CHANGE`; `compare_scoring` holds run_eval.py to the recorded eval.* settings.
 """
 
 import importlib.metadata
@@ -22,6 +22,7 @@ import time
 from config.config import RERUN_MAY_CHANGE
 from d_fusion.datadir import is_number, read_json, write_json
 from d_fusion.errors import UserError
+from d_fusion.injection import _range
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,20 @@ def thresholds():
     return accepts, "a number in [0, 1] or a list of such numbers (one per object)"
 
 
+def block_range():
+    """fusion.blocks, fusion.mask_blocks: "" (the default) or "lo-hi" with 0 <= lo <= hi (the transformer's
+    number of blocks is checked when it loads)."""
+    def accepts(v):
+        if not isinstance(v, str):
+            return False
+        try:
+            return v == "" or _range(v, "") is not None
+        except UserError:
+            return False
+
+    return accepts, 'a block range "lo-hi" with 0 <= lo <= hi, or "" for the default'
+
+
 # field -> (accepts(value), what the value must be)
 DOMAINS = {
     "mixed_precision": one_of("fp16", "bf16", "no"),
@@ -71,6 +86,7 @@ DOMAINS = {
     "sample.eta": at_least(0),
     "sample.guidance_scale": at_least(0),
     "sample.compute_batch_size": integer(1),
+    "sample.noise_level": at_least(0),
     "train.learning_rate": above(0),
     "train.adam_beta1": interval(0, 1, open_hi=True),
     "train.adam_beta2": interval(0, 1, open_hi=True),
@@ -87,9 +103,14 @@ DOMAINS = {
     "train.lora_rank": integer(1),
     "train.compute_batch_size": integer(1),
     "train.reference_batch_size": integer(1),
+    "train.kl_weight": at_least(0),
+    "train.stat_buffer": integer(0),
+    "train.stat_min_count": integer(0),
     "eval.no_scorer_timeout": at_least(0),
     "eval.debug_batch_delay": at_least(0),
     "fusion.mask_resolution": integer(0),
+    "fusion.blocks": block_range(),
+    "fusion.mask_blocks": block_range(),
     "report.poll_interval": above(0),
     "report.thumbnail": integer(1),
 }
@@ -182,6 +203,17 @@ def recorded_config(config_file):
     return record["config"]
 
 
+def refuse_changes(experiment, changes):
+    """Stop, listing each changed field, when `changes` ([(field, old, new)]) is not empty."""
+    if changes:
+        listed = "; ".join(f"{field}: {old!r} -> {new!r}" for field, old, new in changes)
+        raise UserError(
+            f"{experiment.root} was made with other settings ({experiment.config_file}): {listed}. Rerun with "
+            "the recorded settings, or use a new exp_name (settings that may change between runs: "
+            "RERUN_MAY_CHANGE in config/config.py)"
+        )
+
+
 def record_or_compare(config, experiment):
     """At the first start, write config.json; on a rerun, stop when a setting that shapes results changed."""
     current = plain_config(config)
@@ -192,11 +224,12 @@ def record_or_compare(config, experiment):
         write_json(experiment.config_file, record)
         log.info("settings recorded in %s", experiment.config_file)
         return
-    changes = changed_settings(recorded_config(experiment.config_file), current)
-    if changes:
-        listed = "; ".join(f"{field}: {old!r} -> {new!r}" for field, old, new in changes)
-        raise UserError(
-            f"{experiment.root} was made with other settings ({experiment.config_file}): {listed}. Rerun with "
-            "the recorded settings, or use a new exp_name (settings that may change between runs: "
-            "RERUN_MAY_CHANGE in config/config.py)"
-        )
+    refuse_changes(experiment, changed_settings(recorded_config(experiment.config_file), current))
+
+
+def compare_scoring(config, experiment):
+    """run_eval.py on an experiment the sampler has recorded: the eval.* settings that decide the scores
+    (the reward and its models) must be the recorded ones."""
+    if os.path.exists(experiment.config_file):
+        changes = changed_settings(recorded_config(experiment.config_file), plain_config(config))
+        refuse_changes(experiment, [change for change in changes if change[0].startswith("eval.")])

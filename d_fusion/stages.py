@@ -19,17 +19,18 @@ import torch
 from tqdm.auto import tqdm
 
 from d_fusion import distributed
-from d_fusion.cli import config_file
 from d_fusion.checkpoints import checkpoints_at, resume, save_epoch_checkpoint
+from d_fusion.cli import config_file
 from d_fusion.datadir import damaged_units, mean, read_image, write_image
 from d_fusion.errors import UserError
 from d_fusion.families import Conditioning
-from d_fusion.fusion import FusionBatch, FusionSettings, fused_sampling
+from d_fusion.fusion import FusionBatch, FusionSettings
 from d_fusion.injection import injection_from_config
 from d_fusion.masks import item_selection, load_objects, mask_picture
 from d_fusion.objectives import per_prompt_advantages
 from d_fusion.pairing import check_samples_per_prompt, pair_samples
 from d_fusion.prompts import EpochLayout
+from d_fusion.rewards import load_scorer_from_config, parse_reward, reward_label
 from d_fusion.sampling import (
     SamplerSettings,
     Trajectories,
@@ -38,13 +39,12 @@ from d_fusion.sampling import (
     negative_conditioning,
     sample_images,
 )
-from d_fusion.scoring import load_scorer_from_config
 from d_fusion.trainer import PreferencePairs, ScoredSamples, Trainer
 
 log = logging.getLogger(__name__)
 
 MASK_IMAGES = ("all", "last", "none")
-ALGORITHMS = ("dpo", "ddpo")
+ALGORITHMS = ("dpo", "ddpo", "dpok")
 PREFERRED = ("target", "reference")  # train.preferred: what DPO prefers over the base
 
 
@@ -54,21 +54,27 @@ PREFERRED = ("target", "reference")  # train.preferred: what DPO prefers over th
 def sampler_settings(config, cfg=None):
     """The sampling's SamplerSettings; `cfg` overrides sample.cfg (training's train.cfg)."""
     sample = config.sample
-    return SamplerSettings(sample.num_steps, sample.eta, sample.guidance_scale, sample.cfg if cfg is None else cfg)
+    return SamplerSettings(
+        sample.num_steps, sample.eta, sample.guidance_scale, sample.cfg if cfg is None else cfg, sample.noise_level
+    )
 
 
 def epoch_layout(config, prompts):
     return EpochLayout(tuple(prompts), config.sample.batch_size, config.sample.num_batches_per_epoch, config.seed)
 
 
-def fusion_settings(config):
+def fusion_settings(config, models):
+    """The fusion's settings, inject_l's block ranges resolved against the UNet's blocks (a UserError when
+    a numbered range goes beyond them; SD 3 fuses fusion.blocks instead)."""
     return FusionSettings(
-        injection_from_config(config),
+        models.family.injection_on_blocks(models, injection_from_config(config), config.fusion.mask_resolution),
         sampler_settings(config),
         mask_resolution=config.fusion.mask_resolution,
         use_mask=config.fusion.use_mask,
         base_pass=config.fusion.base_masks and config.fusion.use_mask,
         one_call=config.fusion.one_call,
+        blocks=config.fusion.blocks,
+        mask_blocks=config.fusion.mask_blocks,
     )
 
 
@@ -77,7 +83,7 @@ class Run:
     """What the stages of every epoch share, built once at start-up."""
 
     config: object
-    models: object  # StableDiffusion
+    models: object  # StableDiffusion, sd3.StableDiffusion3
     experiment: object  # ExperimentDir
     layout: EpochLayout
     objects: dict  # {prompt: PromptObjects}, from check_fusion_inputs
@@ -89,7 +95,7 @@ class Run:
     def build(config, models, experiment, prompts, objects):
         return Run(
             config, models, experiment, epoch_layout(config, prompts), objects, sampler_settings(config),
-            fusion_settings(config), negative_conditioning(models),
+            fusion_settings(config, models), negative_conditioning(models),
         )
 
 
@@ -127,8 +133,11 @@ def check_train_config(config):
         raise UserError(f"config.train.algorithm = {train.algorithm!r}; use one of {', '.join(ALGORITHMS)}")
     if train.preferred not in PREFERRED:
         raise UserError(f"config.train.preferred = {train.preferred!r}; use one of {', '.join(PREFERRED)}")
-    if config.sample.eta <= 0:
-        raise UserError("config.sample.eta must be > 0 to train: with eta = 0 DDIM steps have no log-probability")
+    if train.stat_buffer and train.stat_min_count > train.stat_buffer:
+        raise UserError(
+            f"config.train.stat_min_count = {train.stat_min_count} exceeds config.train.stat_buffer = "
+            f"{train.stat_buffer}: the per-prompt buffer would never be used"
+        )
     if not 0 < train.eps < 1:
         raise UserError(f"config.train.eps = {train.eps}: the ratio clip must lie in (0, 1)")
     if int(config.sample.num_steps * train.timestep_fraction) < 1:
@@ -245,8 +254,15 @@ def sample_unit(run, epoch, unit):
 # ---------------------------------------------------------------- 3. scoring
 
 
-def saved_scores(image_set, num_published):
-    """The set's saved scores; more scores than published images means they belong to other images."""
+def saved_scores(image_set, num_published, reward):
+    """The set's saved scores; more scores than published images means they belong to other images,
+    scores of another reward than `reward` (its label) to another experiment's settings."""
+    scored_by = image_set.scored_by()
+    if scored_by not in (None, reward):
+        raise UserError(
+            f"{image_set.scores_file} holds scores of the reward {scored_by!r}, but this run scores with {reward!r} "
+            "(config.eval.reward): run the sampler and run_eval.py with the experiment's reward, or use a new exp_name"
+        )
     scores = image_set.read_scores()
     if len(scores) > num_published:
         raise UserError(
@@ -256,13 +272,13 @@ def saved_scores(image_set, num_published):
     return scores
 
 
-def published_and_scored(image_set):
+def published_and_scored(image_set, reward):
     """(the listed prompts, their saved scores), as the main process reads them: every process of a
     run must agree on what is left to score even while run_eval.py writes the same files."""
 
     def read():
         prompts = image_set.published_prompts()
-        return prompts, saved_scores(image_set, len(prompts))
+        return prompts, saved_scores(image_set, len(prompts), reward)
 
     return distributed.from_main(read)
 
@@ -283,13 +299,13 @@ def prompt_history(experiment, epoch, scores):
     return history
 
 
-def save_scores(experiment, epoch, image_set, scores):
+def save_scores(experiment, epoch, image_set, scores, reward):
     epoch_dir = experiment.epoch(epoch)
     # the history first: the scores file is what marks a batch done, so a crash in between
     # only makes the scorer redo that batch and rewrite both
     if image_set.name == epoch_dir.sampled.name:
         epoch_dir.write_prompt_history(prompt_history(experiment, epoch, scores))
-    image_set.write_scores(scores)
+    image_set.write_scores(scores, reward)
 
 
 def score_chunk(scorer, image_set, prompts, chunk):
@@ -306,7 +322,7 @@ def score_new(scorer, experiment, epoch, image_set, batch_size, batch_delay=0.0)
     model's outputs depend on its batch in the last bits): a chunk scored while only partly listed
     is scored again, whole, when more of it is listed. The main process saves each round's scores.
     """
-    prompts, scores = published_and_scored(image_set)
+    prompts, scores = published_and_scored(image_set, scorer.name)
     first = len(scores)
     if first == len(prompts):
         return 0
@@ -316,7 +332,7 @@ def score_new(scorer, experiment, epoch, image_set, batch_size, batch_delay=0.0)
     def publish(round_chunks, results):
         nonlocal scores
         scores = scores[: round_chunks[0][0]] + [s for part in results for s in part]  # index order
-        save_scores(experiment, epoch, image_set, scores)
+        save_scores(experiment, epoch, image_set, scores, scorer.name)
         log.info("epoch %d %s: scored %d-%d (%d listed)", epoch, image_set.name, round_chunks[0][0], len(scores) - 1, len(prompts))
         time.sleep(batch_delay)
 
@@ -340,6 +356,7 @@ class ScoreCollector:
     def __init__(self, config, experiment):
         self.config = config
         self.experiment = experiment
+        self.reward = reward_label(parse_reward(config.eval.reward))  # what the scores files must record
         self._scorer = None
 
     def scorer(self):
@@ -354,7 +371,7 @@ class ScoreCollector:
         main process waits for run_eval.py, and sends the scores to the others.
         """
         ev = self.config.eval
-        prompts, scores = published_and_scored(image_set)
+        prompts, scores = published_and_scored(image_set, self.reward)
         count = len(prompts)
         if ev.inline and len(scores) < count:
             score_new(self.scorer(), self.experiment, epoch, image_set, ev.batch_size, ev.debug_batch_delay)
@@ -363,7 +380,7 @@ class ScoreCollector:
     def wait(self, epoch, image_set, count):
         """Poll the scores file until it holds `count` scores, saying once how to start a scorer if none comes."""
         ev = self.config.eval
-        scores = saved_scores(image_set, count)
+        scores = saved_scores(image_set, count, self.reward)
         if len(scores) == count:
             return scores
         log.info("epoch %d: waiting for run_eval.py to score %s (%d of %d scored)", epoch, image_set.name, len(scores), count)
@@ -371,7 +388,7 @@ class ScoreCollector:
         with tqdm(total=count, initial=len(scores), desc=f"epoch {epoch} {image_set.name} scored", unit="image") as bar:
             while len(scores) < count:
                 time.sleep(ev.poll_interval)
-                new_scores = saved_scores(image_set, count)
+                new_scores = saved_scores(image_set, count, self.reward)
                 if len(new_scores) > len(scores):
                     bar.update(len(new_scores) - len(scores))
                     last_progress = time.monotonic()
@@ -449,7 +466,7 @@ def fuse_pairs(run, epoch, pairs):
     """Make the targets of `pairs` and write them, copies of their references and bases, and the masks."""
     epoch_dir, models, sample_prompts = run.experiment.epoch(epoch), run.models, run.layout.sample_prompts
     batch, references = fusion_batch(run, epoch, pairs)
-    fused = fused_sampling(models.unet, models.scheduler, batch, run.negative, run.fusion)
+    fused = models.family.fused_sampling(models, batch, run.negative, run.fusion)
     targets = [p.target for p in pairs]
     epoch_dir.injected.save_images(targets, decode_images(models, fused.targets.latents[:, -1]))
     epoch_dir.injected.save_trajectories(targets, fused.targets)
@@ -491,9 +508,20 @@ def make_optimizer(config, params):
     )
 
 
+def check_stochastic_steps(config, family):
+    """Training needs the family's steps to have a log-probability: sample.eta (SD 3: sample.noise_level) > 0."""
+    level = family.solver().level
+    if config.sample[level] <= 0:
+        raise UserError(
+            f"config.sample.{level} must be > 0 to train on {family.name}: with {level} = 0 its steps have no "
+            "log-probability"
+        )
+
+
 def make_trainer(config, models):
-    """The Trainer of `config` (LoRA added to models.unet in place)."""
+    """The Trainer of `config` (LoRA added to models.unet, or SD 3's transformer, in place)."""
     check_train_config(config)
+    check_stochastic_steps(config, models.family)
     return Trainer(
         models,
         config.train,
@@ -532,9 +560,38 @@ def load_pairs(models, epoch_dir, preferred="target"):
     return PreferencePairs(winners, bases, embed_prompts(models, prompts))
 
 
-def load_scored_samples(trainer, epoch_dir, adv_clip_max, batch_size):
-    """The epoch's samples and targets with advantages; the targets' old log-probs recomputed without fusion,
-    in batches of `batch_size` and under the training's autocast (so that ratios start at 1)."""
+def scored_prompts(epoch_dir):
+    """(prompts, scores) of the epoch's samples, then its targets: DDPO's and DPOK's training samples."""
+    sample_prompts, target_prompts = epoch_dir.sampled.published_prompts(), epoch_dir.injected.published_prompts()
+    scores = complete_scores(epoch_dir.sampled, len(sample_prompts)) + complete_scores(
+        epoch_dir.injected, len(target_prompts)
+    )
+    return sample_prompts + target_prompts, scores
+
+
+def score_history(experiment, epoch):
+    """{prompt: its training samples' scores in the epochs before `epoch`, oldest first}: the per-prompt
+    stat tracker's buffers, read back from the experiment (nothing to checkpoint)."""
+    history = {}
+    for k in experiment.epochs():
+        if k < epoch:
+            for prompt, score in zip(*scored_prompts(experiment.epoch(k))):
+                history.setdefault(prompt, []).append(score)
+    return history
+
+
+def epoch_advantages(config, experiment, epoch):
+    """Per-prompt advantages (N,) of the epoch's samples then targets: this epoch's statistics, or with
+    `train.stat_buffer` the tracked ones (ddpo-pytorch's per-prompt stat tracking)."""
+    train = config.train
+    prompts, scores = scored_prompts(experiment.epoch(epoch))
+    history = score_history(experiment, epoch) if train.stat_buffer else None
+    return per_prompt_advantages(scores, prompts, train.adv_clip_max, history, train.stat_buffer, train.stat_min_count)
+
+
+def load_scored_samples(trainer, epoch_dir, advantages, batch_size):
+    """The epoch's samples and targets with their advantages (N,); the targets' old log-probs recomputed
+    without fusion, in batches of `batch_size` and under the training's autocast (so that ratios start at 1)."""
     policy = trainer.policy
     sample_prompts, target_prompts = epoch_dir.sampled.published_prompts(), epoch_dir.injected.published_prompts()
     samples = epoch_dir.sampled.load_trajectories(range(len(sample_prompts)))
@@ -547,14 +604,10 @@ def load_scored_samples(trainer, epoch_dir, adv_clip_max, batch_size):
     with trainer.accelerator.autocast():
         share = [policy.trajectory_log_probs(targets[batch], target_conditioning[batch]) for batch in batches]
     targets.log_probs = torch.cat([log_probs for part in distributed.gather(share) for log_probs in part])
-    prompts = sample_prompts + target_prompts
-    scores = complete_scores(epoch_dir.sampled, len(sample_prompts)) + complete_scores(
-        epoch_dir.injected, len(target_prompts)
-    )
     return ScoredSamples(
         Trajectories.cat([samples, targets]),
         Conditioning.cat([embed_prompts(policy.models, sample_prompts), target_conditioning]),
-        per_prompt_advantages(scores, prompts, adv_clip_max),
+        advantages,
     )
 
 
@@ -577,13 +630,14 @@ class TrainingStage:
         self.tensorboard = tensorboard_writer(config, experiment) if distributed.is_main() else None
 
     def train_epoch(self, epoch):
-        """Train on the epoch's pairs (DPO) or scored samples (DDPO), record the metrics, checkpoint."""
+        """Train on the epoch's pairs (DPO) or scored samples (DDPO, DPOK), record the metrics, checkpoint."""
         epoch_dir, trainer, train = self.experiment.epoch(epoch), self.trainer, self.config.train
         if train.algorithm == "dpo":
             pairs = load_pairs(trainer.models, epoch_dir, train.preferred)
             metrics = trainer.train_pairs(pairs, epoch)
         else:
-            samples = load_scored_samples(trainer, epoch_dir, train.adv_clip_max, self.config.sample.batch_size)
+            advantages = epoch_advantages(self.config, self.experiment, epoch)
+            samples = load_scored_samples(trainer, epoch_dir, advantages, self.config.sample.batch_size)
             metrics = trainer.train_samples(samples, epoch)
         metrics = dict(epoch=epoch, **metrics)
         metrics.update(

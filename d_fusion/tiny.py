@@ -1,6 +1,6 @@
 """Tiny random-weight models with the real architectures, for tests and the offline demo.
 
-`python -m d_fusion.tiny OUT_DIR` writes `OUT_DIR/sd`: a Stable Diffusion in the standard
+`python -m d_fusion.tiny OUT_DIR` writes `OUT_DIR/sd` (and `OUT_DIR/sd3`, below): a Stable Diffusion in the standard
 diffusers folder format, with SD 2.1 base's topology scaled down (three cross-attention down
 blocks and a plain one, a cross-attention mid block, mirrored up blocks, linear projections,
 several heads, epsilon prediction, SD's DDIM scheduler config) and a real CLIP BPE tokenizer
@@ -12,11 +12,18 @@ image tower, a transformer text tower with CLIP's BPE vocabulary), random weight
 local folder format (`open_clip_config.json` + `open_clip_model.safetensors`). The scorer loads
 it as `local-dir:OUT_DIR/clip`, exactly as it loads a downloaded open_clip checkpoint folder.
 
-`build_tiny_sd3(FOLDER)` writes a tiny Stable Diffusion 3.5 (docs/METHOD.md §10): SD 3.5 Medium's
+`build_tiny_sd3(FOLDER)` (`OUT_DIR/sd3`) writes a tiny Stable Diffusion 3.5 (docs/METHOD.md §10): SD 3.5 Medium's
 transformer scaled down (joint blocks, the first two with SD 3.5's extra image-only attention),
 the two CLIP text encoders with projection and the real CLIP tokenizer, a 16-channel VAE, SD 3.5's
 flow-matching scheduler config; T5 is left out, as `StableDiffusion3Pipeline` allows (`t5=True`:
 a one-layer T5 encoder with a small SentencePiece-unigram T5 tokenizer).
+
+And the other rewards' models (d_fusion/rewards.py), each in the format its users download:
+- `OUT_DIR/pickscore`: a transformers `CLIPModel` + `CLIPProcessor` folder, as PickScore_v1 ships;
+- `OUT_DIR/hpsv2`: an open_clip model config (`tiny-hps.json`, the architecture) and an HPS-style
+  checkpoint `HPS_v2.1_compressed.pt` (`{"state_dict": ...}`, a torch pickle);
+- `OUT_DIR/aesthetic`: the improved LAION aesthetic predictor's MLP head (`layers.<i>` Linear layers,
+  dropouts between), widths scaled down, on the tiny CLIP's image embeddings, as a `.pth` state dict.
 """
 
 import gzip
@@ -35,10 +42,15 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from safetensors.torch import save_file
 from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
@@ -122,7 +134,8 @@ def build_text_encoder(vocab_size, width=TEXT_DIM, heads=2):
     return CLIPTextModel(clip_text_config(vocab_size, width, heads))
 
 
-def build_unet(sample_size=SAMPLE_SIZE):
+def build_unet(sample_size=SAMPLE_SIZE, attention_head_dim=(2, 2, 4, 4), use_linear_projection=True):
+    """SD 2.x's UNet scaled down (SD 1.x: one head count for all blocks, convolutional projections)."""
     return UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=4,
@@ -132,9 +145,32 @@ def build_unet(sample_size=SAMPLE_SIZE):
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         mid_block_type="UNetMidBlock2DCrossAttn",
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=(2, 2, 4, 4),  # SD 2.x's field: the number of heads per block
+        attention_head_dim=attention_head_dim,  # SD 1.x/2.x's field: the number of heads (per block)
         cross_attention_dim=TEXT_DIM,
+        use_linear_projection=use_linear_projection,
+        norm_num_groups=8,
+    )
+
+
+def build_sdxl_unet(sample_size=SAMPLE_SIZE, text_width=TEXT_DIM):
+    """SDXL's UNet scaled down: a plain first down block, two with attentions (the last with 2 transformer
+    layers, as SDXL's have several), the text_time embedding of pooled text and 6 size conditions."""
+    time_dim = 8
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 4),
+        cross_attention_dim=2 * text_width,  # both text encoders' hidden states, concatenated
         use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + text_width,  # time ids and the pooled projection
         norm_num_groups=8,
     )
 
@@ -163,17 +199,50 @@ def _write_pipeline(folder, seed, make_pipeline):
         make_pipeline(build_tokenizer(scratch)).save_pretrained(folder, safe_serialization=True)
 
 
-def build_tiny_sd(folder, seed=0):
-    """Write the tiny Stable Diffusion to `folder` (diffusers format)."""
+def _write_sd(folder, seed, make_unet=build_unet, make_vae=build_vae, **scheduler):
+    """A tiny SD 1.x / 2.x pipeline: `make_unet()`, `make_vae()`, SD's DDIM config updated by `scheduler`."""
     _write_pipeline(folder, seed, lambda tokenizer: StableDiffusionPipeline(
-        vae=build_vae(),
+        vae=make_vae(),
         text_encoder=build_text_encoder(len(tokenizer)),
         tokenizer=tokenizer,
-        unet=build_unet(),
-        scheduler=DDIMScheduler(**SD_SCHEDULER),
+        unet=make_unet(),
+        scheduler=DDIMScheduler(**(SD_SCHEDULER | scheduler)),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    ))
+
+
+def build_tiny_sd(folder, seed=0):
+    """Write the tiny Stable Diffusion (SD 2.1 base's topology) to `folder` (diffusers format)."""
+    _write_sd(folder, seed)
+
+
+def build_tiny_sd15(folder, seed=0):
+    """The tiny SD 1.5: SD 1.x's UNet (one head count, convolutional projections)."""
+    _write_sd(folder, seed, make_unet=lambda: build_unet(attention_head_dim=2, use_linear_projection=False))
+
+
+def build_tiny_sd21v(folder, seed=0):
+    """The tiny SD 2.1 at 768 px: v-prediction (the scheduler's prediction_type) on a 1.5x larger latent."""
+    _write_sd(
+        folder, seed, make_unet=lambda: build_unet(SAMPLE_SIZE * 3 // 2),
+        make_vae=lambda: build_vae(sample_size=SAMPLE_SIZE * 12), prediction_type="v_prediction",
+    )
+
+
+def build_tiny_sdxl(folder, seed=0):
+    """The tiny SDXL: two text encoders (the second with a projection), the text_time UNet, zeros for the
+    empty prompt (force_zeros_for_empty_prompt, as SDXL base), SDXL's VAE scaling, DDIM."""
+    _write_pipeline(folder, seed, lambda tokenizer: StableDiffusionXLPipeline(
+        vae=build_vae(scaling_factor=0.13025, force_upcast=True),
+        text_encoder=build_text_encoder(len(tokenizer)),
+        text_encoder_2=build_clip_with_projection(len(tokenizer), TEXT_DIM),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=build_sdxl_unet(),
+        scheduler=DDIMScheduler(**SD_SCHEDULER),
+        force_zeros_for_empty_prompt=True,
     ))
 
 
@@ -265,6 +334,56 @@ def build_tiny_clip(folder, seed=0):
         json.dump(dict(model_cfg=TINY_CLIP, preprocess_cfg=preprocess), f, indent=1)
 
 
+def build_tiny_pickscore(folder, seed=0):
+    """Write a tiny PickScore (transformers CLIPModel + CLIPProcessor folder, PickScore_v1's format)."""
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=clip_text_config(49408).to_dict(),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            image_size=32, patch_size=8,
+        ),
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    with tempfile.TemporaryDirectory() as scratch:
+        CLIPProcessor(image_processor=image_processor, tokenizer=build_tokenizer(scratch)).save_pretrained(folder)
+
+
+TINY_HPS_ARCHITECTURE = "tiny-hps.json"  # an open_clip model config: its name is the file's stem
+TINY_HPS_CHECKPOINT = "HPS_v2.1_compressed.pt"
+
+
+def build_tiny_hps(folder, seed=1):
+    """Write a tiny HPS: an open_clip architecture (ViT-H-14's design scaled down) and an HPS-format
+    checkpoint of it (`torch.save({"state_dict": ...})`, as HPS_v2.1_compressed.pt is)."""
+    torch.manual_seed(seed)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, TINY_HPS_ARCHITECTURE), "w") as f:
+        json.dump(TINY_CLIP, f, indent=1)
+    torch.save(dict(state_dict=open_clip.CLIP(**TINY_CLIP).state_dict()), os.path.join(folder, TINY_HPS_CHECKPOINT))
+
+
+TINY_AESTHETIC = "sac+logos+ava1-l14-linearMSE.pth"  # the improved aesthetic predictor's file name
+AESTHETIC_WIDTHS = (64, 16, 8, 4)  # the published head's 1024, 128, 64, 16, scaled down
+
+
+def build_tiny_aesthetic(folder, seed=0):
+    """Write a tiny aesthetic head: the improved predictor's layers (Linear, Dropout, Linear, Dropout,
+    Linear, Dropout, Linear, Linear) on the tiny CLIP's embed_dim, as a state dict `.pth`."""
+    torch.manual_seed(seed)
+    widths = (TINY_CLIP["embed_dim"], *AESTHETIC_WIDTHS, 1)
+    linear = [torch.nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:])]
+    dropout = torch.nn.Dropout
+    layers = torch.nn.Sequential(
+        linear[0], dropout(0.2), linear[1], dropout(0.2), linear[2], dropout(0.1), linear[3], linear[4]
+    )
+    os.makedirs(folder, exist_ok=True)
+    state = {f"layers.{key}": value for key, value in layers.state_dict().items()}
+    torch.save(state, os.path.join(folder, TINY_AESTHETIC))
+
+
 def _build_atomically(build, folder):
     """Build `folder` unless it exists, whole or not at all: a reader never sees half a model."""
     if not os.path.isdir(folder):
@@ -275,20 +394,33 @@ def _build_atomically(build, folder):
 
 def build_tiny_models(out_dir):
     """Build every tiny model into `out_dir` (each only if missing); returns `out_dir`."""
-    _build_atomically(build_tiny_sd, os.path.join(out_dir, "sd"))
-    _build_atomically(build_tiny_clip, os.path.join(out_dir, "clip"))
+    for name, build in TINY_MODELS.items():
+        _build_atomically(build, os.path.join(out_dir, name))
     return out_dir
 
 
-TINY_MODELS = ("sd", "clip")  # the folders build_tiny_models writes
+# the folders build_tiny_models writes
+TINY_MODELS = dict(
+    sd=build_tiny_sd,
+    sd15=build_tiny_sd15,
+    sd21v=build_tiny_sd21v,
+    sdxl=build_tiny_sdxl,
+    sd3=build_tiny_sd3,
+    clip=build_tiny_clip,
+    pickscore=build_tiny_pickscore,
+    hpsv2=build_tiny_hps,
+    aesthetic=build_tiny_aesthetic,
+)
 
 
-def build_missing(folder, tiny_cache):
-    """Build the tiny models into `tiny_cache` when `folder` is one of them (`tiny_cache/sd` or
-    `tiny_cache/clip`) and does not exist. Any other folder is left alone: a mistyped model path
-    fails to load instead of getting a random model, and nothing is written outside `tiny_cache`."""
-    parent, name = os.path.split(os.path.abspath(folder))
-    if name in TINY_MODELS and parent == os.path.abspath(tiny_cache) and not os.path.isdir(folder):
+def build_missing(path, tiny_cache):
+    """Build the tiny models into `tiny_cache` when `path` is one of them or a file in one
+    (`tiny_cache/sd`, `tiny_cache/hpsv2/HPS_v2.1_compressed.pt`, ...) and that model's folder does not
+    exist. Any other path is left alone: a mistyped model path fails to load instead of getting a
+    random model, and nothing is written outside `tiny_cache`."""
+    relative = os.path.relpath(os.path.abspath(path), os.path.abspath(tiny_cache))
+    name = relative.split(os.sep)[0]
+    if name in TINY_MODELS and not os.path.isdir(os.path.join(tiny_cache, name)):
         build_tiny_models(tiny_cache)
 
 

@@ -1,8 +1,9 @@
 """The trainer (docs/METHOD.md §7): the LoRA policy, its optimizer, and one epoch of DPO or DDPO updates.
 
-The policy is the UNet with LoRA adapters; the reference policy is the same UNet with the adapters
-disabled (no second copy). Both run plain attention with CFG when `train.cfg`. The log-probability
-of a stored transition x_t -> x_{t'} is docs/METHOD.md §3.2's, evaluated at the stored x_{t'}.
+The policy is the UNet (SD 3: the transformer) with LoRA adapters; the reference policy is the same
+model with the adapters disabled (no second copy). Both run plain attention with CFG when `train.cfg`.
+The log-probability of a stored transition x_t -> x_{t'} is the family's step's (docs/METHOD.md §3.2,
+SD 3's flow step §10), evaluated at the stored x_{t'}.
 
 Optimisation: each pair (DPO) or sample (DDPO) contributes a random subset of its steps;
 `train.batch_size * train.gradient_accumulation_steps` of them make one optimizer step (the loss is
@@ -30,29 +31,31 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from d_fusion import distributed
-from d_fusion.ddim import ddim_step_with_logprob, step_std
 from d_fusion.errors import UserError
-from d_fusion.families import Conditioning
-from d_fusion.objectives import dpo_loss, ppo_loss
-from d_fusion.sampling import Trajectories, guided_noise, negative_conditioning
+from d_fusion.families import Conditioning, UNetFamily
+from d_fusion.objectives import dpo_loss, dpok_loss, ppo_loss
+from d_fusion.sampling import Trajectories, negative_conditioning
 
 log = logging.getLogger(__name__)
-
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 # ---------------------------------------------------------------- policy and reference
 
 
-def add_lora(unet, rank, seed, targets=LORA_TARGETS):
+def add_lora(unet, rank, seed, targets=UNetFamily.lora_targets):
     """LoRA adapters on the `targets` projections (B = 0: the policy starts equal to the reference; A drawn
     from `seed`, the global RNG left as it was); returns the trainable params, in fp32."""
     unet.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=targets))
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=list(targets)))
     cast_training_params(unet, dtype=torch.float32)
     return [p for p in unet.parameters() if p.requires_grad]
+
+
+def add_model_lora(models, rank, seed):
+    """LoRA on the family's denoiser (UNet or transformer), on the family's targets."""
+    return add_lora(models.denoiser, rank, seed, models.family.lora_targets)
 
 
 def lora_state_dict(unet):
@@ -78,26 +81,35 @@ def reference_policy(unet):
         unet.enable_adapters()
 
 
+def at_step(latents, step, device):
+    """x at `step` of trajectories latents (B, T+1, C, H, W), step one index or (B,) one per row: (B, C, H, W)."""
+    return latents[torch.arange(latents.shape[0]), step].to(device)
+
+
 @dataclass
 class Policy:
-    """Everything needed to score a stored transition under the current UNet."""
+    """Everything needed to score a stored transition under the current UNet (or SD 3's transformer), with
+    the family's step (`models.family.solver()`: DDIM, SD 3's flow step)."""
 
-    models: object  # StableDiffusion
+    models: object  # StableDiffusion, sd3.StableDiffusion3
     negative: Conditioning  # one row: CFG's unconditional conditioning
     sampler: object  # SamplerSettings of the trajectories (with train.cfg as its cfg)
 
+    @property
+    def solver(self):
+        return self.models.family.solver()
+
     def transition(self, latents, timesteps, step, conditioning):
-        """log p(x_{t'} | x_t, c) at `step` of trajectories latents (B, T+1, C, H, W), and the noise prediction.
+        """log p(x_{t'} | x_t, c) at `step` of trajectories latents (B, T+1, C, H, W), and the noise prediction
+        (SD 3: the velocity).
 
         step: one step index, or (B,) one per row (each row at its own timestep). Returns (log_prob (B,),
         noise_pred (B, C, H, W)); differentiable through the LoRA weights.
         """
         device, batch, sampler = self.models.device, latents.shape[0], self.sampler
-        rows = torch.arange(batch)
-        x_t, x_next = latents[rows, step].to(device), latents[rows, step + 1].to(device)
-        t = timesteps[step].to(device)
-        noise_pred = guided_noise(
-            self.models.unet,
+        x_t, x_next, t = at_step(latents, step, device), at_step(latents, step + 1, device), timesteps[step].to(device)
+        noise_pred = self.solver.prediction(
+            self.models.denoiser,
             x_t,
             t,
             conditioning.to(device),
@@ -105,25 +117,29 @@ class Policy:
             sampler.guidance_scale,
             cfg=sampler.cfg,
         )
-        _, log_prob, _ = ddim_step_with_logprob(
-            self.models.scheduler, noise_pred, t, x_t, sampler.eta, prev_sample=x_next
-        )
+        _, log_prob, _ = self.solver.step(self.models.scheduler, noise_pred, t, x_t, sampler, prev_sample=x_next)
         return log_prob, noise_pred
 
+    def step_mean(self, noise_pred, latents, timesteps, step):
+        """The mean (B, C, H, W) and std (B, 1, 1, 1) of the step from x_t (docs/METHOD.md §3.1), given the
+        noise prediction; step: one index or (B,), as in `transition`."""
+        x_t, t = at_step(latents, step, self.models.device), timesteps[step].to(self.models.device)
+        return self.solver.step_mean(self.models.scheduler, noise_pred, t, x_t, self.sampler)
+
     def reference_transition(self, latents, timesteps, step, conditioning):
-        with torch.no_grad(), reference_policy(self.models.unet):
+        with torch.no_grad(), reference_policy(self.models.denoiser):
             return self.transition(latents, timesteps, step, conditioning)
 
     def set_timesteps(self):
         """The scheduler's step spacing, which `transition` uses for t' (sampling sets the same)."""
-        self.models.scheduler.set_timesteps(self.sampler.num_steps, device=self.models.device)
+        self.solver.set_timesteps(self.models, self.sampler.num_steps)
 
     def trainable_steps(self):
-        """The step indices whose std is > 0: a step with std 0 (onto a final alpha of 1) has no
-        log-probability and is never trained on (docs/METHOD.md §3.3)."""
+        """The step indices whose std is > 0: a step with std 0 (onto a final alpha of 1, or any step at noise
+        level 0) has no log-probability and is never trained on (docs/METHOD.md §3.3)."""
         self.set_timesteps()
         scheduler = self.models.scheduler
-        return [j for j, t in enumerate(scheduler.timesteps) if step_std(scheduler, t.cpu(), self.sampler.eta) > 0]
+        return [j for j, t in enumerate(scheduler.timesteps) if self.solver.step_std(scheduler, t.cpu(), self.sampler) > 0]
 
     @torch.no_grad()
     def trajectory_log_probs(self, trajectories, conditioning):
@@ -226,9 +242,9 @@ class Trainer:
         self.accelerator = Accelerator(
             mixed_precision="no" if on_cpu else mixed_precision, cpu=on_cpu, device_placement=False
         )
-        self.params = add_lora(models.unet, train.lora_rank, seed)
+        self.params = add_model_lora(models, train.lora_rank, seed)
         if train.gradient_checkpointing:
-            models.unet.enable_gradient_checkpointing()
+            models.denoiser.enable_gradient_checkpointing()
         self.optimizer = self.accelerator.prepare(make_optimizer(self.params))
         self.policy = Policy(models, negative_conditioning(models), sampler)
         log.info(
@@ -245,7 +261,7 @@ class Trainer:
         "grad_scaler": the fp16 gradient scaler's state or None}."""
         scaler = self.accelerator.scaler
         return dict(
-            lora=lora_state_dict(self.models.unet),
+            lora=self.models.family.lora_state_dict(self.models.denoiser),
             lora_rank=self.train.lora_rank,
             optimizer=self.optimizer.state_dict(),
             grad_scaler=scaler.state_dict() if scaler is not None else None,
@@ -256,7 +272,7 @@ class Trainer:
         if state["lora_rank"] != self.train.lora_rank:
             raise ValueError(f"LoRA rank {state['lora_rank']}, this run's train.lora_rank is {self.train.lora_rank}")
         try:
-            misfits = load_lora_state_dict(self.models.unet, state["lora"])
+            misfits = load_lora_state_dict(self.models.denoiser, state["lora"])
         except RuntimeError as error:  # a shape mismatch
             raise ValueError(f"LoRA weights that do not fit this UNet ({error})") from None
         if misfits:
@@ -366,16 +382,25 @@ class Trainer:
         return self.optimize(plan, rows_loss)
 
     def train_samples(self, samples, epoch):
-        """DDPO (PPO-clip) on the epoch's scored samples; returns the epoch's training metrics."""
+        """DDPO (PPO-clip), or DPOK (PPO-clip and the KL to the reference), on the epoch's scored samples;
+        returns the epoch's training metrics."""
+        train, policy = self.train, self.policy
         trajectories = samples.trajectories
+        timesteps = trajectories.timesteps
         self.check_steps(trajectories)
 
         def rows_loss(items, steps):
             conditioning = samples.conditioning[items].to(self.models.device)
-            log_prob, _ = self.policy.transition(trajectories.latents[items], trajectories.timesteps, steps, conditioning)
+            latents = trajectories.latents[items]
+            log_prob, noise = policy.transition(latents, timesteps, steps, conditioning)
             old_log_prob = trajectories.log_probs[items, steps].to(log_prob.device)
             advantage = samples.advantages[items].to(log_prob.device)
-            return ppo_loss(log_prob, old_log_prob, advantage, self.train.eps)
+            if train.algorithm == "ddpo":
+                return ppo_loss(log_prob, old_log_prob, advantage, train.eps)
+            _, ref_noise = policy.reference_transition(latents, timesteps, steps, conditioning)
+            mean, std = policy.step_mean(noise, latents, timesteps, steps)
+            ref_mean, _ = policy.step_mean(ref_noise, latents, timesteps, steps)
+            return dpok_loss(log_prob, old_log_prob, advantage, mean, ref_mean, std, train.eps, train.kl_weight)
 
         return self.optimize(self.epoch_plan(len(samples), epoch), rows_loss)
 

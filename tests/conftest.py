@@ -37,18 +37,30 @@ def fresh_tiny_sd(tiny_dir):
     return load_models(os.path.join(tiny_dir, "sd"), mixed_precision="no")
 
 
-@pytest.fixture
-def tiny_config(tiny_dir, tmp_path):
-    """The `tiny` config variant, pointed at the session's tiny models and a fresh data folder."""
+def tiny_variant(variant, model, tiny_dir, tmp_path):
+    """The config variant `variant`, pointed at the session's tiny models (`model`: its diffusion model's
+    folder) and a fresh data folder."""
     from config.config import get_config
 
-    config = get_config("tiny")
+    config = get_config(variant)
     config.tiny_cache = tiny_dir
-    config.pretrained.model = os.path.join(tiny_dir, "sd")
+    config.pretrained.model = os.path.join(tiny_dir, model)
     config.eval.model = os.path.join(tiny_dir, "clip")
     config.save_path = str(tmp_path / "data")
     config.exp_name = "test"
     return config
+
+
+@pytest.fixture
+def tiny_config(tiny_dir, tmp_path):
+    """The `tiny` config variant on the session's tiny models."""
+    return tiny_variant("tiny", "sd", tiny_dir, tmp_path)
+
+
+@pytest.fixture
+def tiny_sd3_config(tiny_dir, tmp_path):
+    """The `tiny_sd3` config variant on the session's tiny models."""
+    return tiny_variant("tiny_sd3", "sd3", tiny_dir, tmp_path)
 
 
 @pytest.fixture
@@ -74,13 +86,9 @@ def crash_on_call(monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def tiny_sd3_dir(tmp_path_factory):
-    """A folder with the tiny SD 3.5 (diffusers format, no T5) written by `tiny.build_tiny_sd3`."""
-    from d_fusion.tiny import build_tiny_sd3
-
-    folder = str(tmp_path_factory.mktemp("tiny_sd3") / "sd3")
-    build_tiny_sd3(folder)
-    return folder
+def tiny_sd3_dir(tiny_dir):
+    """The tiny SD 3.5 (diffusers format, no T5) that `tiny.build_tiny_models` writes (`tiny.build_tiny_sd3`)."""
+    return os.path.join(tiny_dir, "sd3")
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ train_epoch = TrainingStage.train_epoch
 
 def train_epoch_and_save_lora(stage, epoch):
     metrics = train_epoch(stage, epoch)
-    save_lora(stage.trainer.state_dict()["lora"], os.path.join(stage.experiment.root, f"lora_process{distributed.rank()}"))
+    save_lora(stage.trainer.models.family, stage.trainer.state_dict()["lora"], os.path.join(stage.experiment.root, f"lora_process{distributed.rank()}"))
     return metrics
 
 

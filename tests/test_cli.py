@@ -62,6 +62,9 @@ def test_list_settings_on_the_command_line():
         ("mixed_precision", "fp8", "config.mixed_precision = 'fp8': it must be one of 'fp16', 'bf16', 'no'"),
         ("mask_thr", "2", "config.mask_thr = 2.0: it must be a number in \\[0, 1\\]"),
         ("mask_thr", "0.1,2", "config.mask_thr = \\[0.1, 2.0\\]"),
+        ("sample.noise_level", "-0.1", "config.sample.noise_level = -0.1: it must be a number >= 0"),
+        ("fusion.blocks", "3", "config.fusion.blocks = '3': it must be a block range \"lo-hi\""),
+        ("fusion.mask_blocks", "5-2", "config.fusion.mask_blocks = '5-2'"),
     ],
 )
 def test_a_setting_outside_its_domain_is_a_start_up_error_naming_it(option, value, message):

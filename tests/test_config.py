@@ -14,7 +14,6 @@ from d_fusion.pairing import check_samples_per_prompt, pair_samples
 from d_fusion.prompts import load_prompts
 from d_fusion.attention import attention_layers
 from d_fusion.checkpoints import checkpoint_due
-from d_fusion.injection import injection_from_config
 from d_fusion.objectives import per_prompt_advantages
 from d_fusion.sampling import SamplerSettings
 from d_fusion.stages import epoch_layout
@@ -35,7 +34,8 @@ def test_release_defaults_make_the_release_epoch(tiny_sd):
     # 20 DDIM steps with eta 1 and guidance 5; K and V fused in the mid block and every up block (3-6 of
     # SD 2.1's numbering), at every step but the two noisiest
     assert stages.sampler_settings(c) == SamplerSettings(20, 1.0, 5.0, True)
-    injection, blocks = injection_from_config(c), sorted({layer.block for layer in attention_layers(tiny_sd.unet)})
+    injection = stages.fusion_settings(c, tiny_sd).injection
+    blocks = sorted({layer.block for layer in attention_layers(tiny_sd.unet)})
     fused = {i: [b for b in blocks if injection.blends_k(i, 20, b) and injection.blends_v(i, 20, b)] for i in range(20)}
     assert fused == {i: ([3, 4, 5, 6] if i >= 2 else []) for i in range(20)}
     # training: DPO, one pair's 20 timesteps per optimizer step, 2 passes over the epoch's pairs, and the

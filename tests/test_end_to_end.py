@@ -11,7 +11,7 @@ from d_fusion.datadir import ExperimentDir, checkpoints_in
 from d_fusion.experiment import run_experiment
 from d_fusion.models import load_models
 from d_fusion.sampling import SamplerSettings, encode_prompts, sample_generators, sample_trajectories
-from d_fusion.stages import TrainingStage, load_scored_samples
+from d_fusion.stages import TrainingStage, epoch_advantages, load_scored_samples
 from d_fusion.trainer import add_lora
 
 NUM_SAMPLES, NUM_TARGETS, NUM_STEPS = 4, 2, 3
@@ -93,7 +93,8 @@ def test_two_epochs_write_everything_and_epoch_1_samples_from_the_trained_unet(c
     config.resume_from = experiment.checkpoint(0).root  # the policy that sampled epoch 1
     config.train.gradient_accumulation_steps = NUM_SAMPLES + NUM_TARGETS  # one optimizer step, after every loss
     stage = TrainingStage(config, load_models(config.pretrained.model, mixed_precision="no"), experiment)
-    scored = load_scored_samples(stage.trainer, experiment.epoch(1), config.train.adv_clip_max, config.sample.batch_size)
+    advantages = epoch_advantages(config, experiment, 1)
+    scored = load_scored_samples(stage.trainer, experiment.epoch(1), advantages, config.sample.batch_size)
     assert len(scored) == NUM_SAMPLES + NUM_TARGETS and scored.advantages.mean().abs() < 1e-5
     fused = experiment.epoch(1).injected.load_trajectories(range(NUM_TARGETS)).log_probs
     assert (scored.trajectories.log_probs[NUM_SAMPLES:] - fused).abs().max() > 1e-3

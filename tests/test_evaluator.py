@@ -30,6 +30,7 @@ class CountingScorer:
 
     def __init__(self, scorer, fail_after=None):
         self.scorer, self.fail_after, self.batches, self.scored = scorer, fail_after, 0, []
+        self.name = scorer.name
 
     def score(self, images, prompts):
         if self.batches == self.fail_after:
@@ -166,6 +167,22 @@ def test_inline_collect_scores_missing_images_and_reuses_saved_ones(experiment, 
     # a restarted sampler finds every score saved: it does not even load the scorer
     assert ScoreCollector(experiment_config(inline=True), experiment).collect(0, sampled) == scores
     assert loads == [1]
+
+
+def test_scores_files_record_their_reward_and_another_reward_does_not_continue_them(experiment, scorer):
+    sampled = experiment.epoch(0).sampled
+    with pytest.raises(RuntimeError):
+        score_pending(CountingScorer(scorer, fail_after=1), experiment, batch_size=4)  # 4 of 8 scored by clip
+    assert read_json(sampled.scores_file)["reward"] == "clip" == sampled.scored_by()
+    other = CountingScorer(scorer)
+    other.name = "clip:1,pickscore:0.5"
+    with pytest.raises(UserError, match="scores of the reward 'clip', but this run scores with 'clip:1,pickscore:0.5'"):
+        score_pending(other, experiment, batch_size=4)
+    assert other.scored == [] and len(sampled.read_scores()) == 4
+    config = experiment_config(inline=True)
+    config.eval.reward = "pickscore"  # a sampler with another reward refuses the scores too
+    with pytest.raises(UserError, match="scores of the reward 'clip', but this run scores with 'pickscore'"):
+        ScoreCollector(config, experiment).collect(0, sampled)
 
 
 def test_waiting_sampler_says_once_how_to_start_the_scorer(experiment, scorer, caplog):

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from d_fusion import stages
+from d_fusion import fusion
 from d_fusion.datadir import ExperimentDir
 from d_fusion.errors import UserError
 from d_fusion.fusion import FusionBatch, FusionSettings, fused_sampling
@@ -165,7 +165,7 @@ def test_fuse_epoch_writes_targets_survives_a_crash_and_reuses_them(tiny_sd, one
     scores = [0.1, 0.9, 0.5, 0.3, 0.8, 0.2, 0.4, 0.7]  # references 1, 4; bases 6, 3, 5, 0
 
     # a crash in the second batch keeps the first; the rerun makes only the second
-    calls = crash_on_call(stages, "fused_sampling", 2)
+    calls = crash_on_call(fusion, "fused_sampling", 2)
     with pytest.raises(KeyboardInterrupt):
         fuse_epoch(run, 0, scores)
     assert epoch_dir.injected.published_prompts() == [PROMPT] * 2
@@ -196,7 +196,7 @@ def test_fuse_epoch_writes_targets_survives_a_crash_and_reuses_them(tiny_sd, one
     def no_sampling(*args, **kwargs):
         raise AssertionError("published targets are made again")
 
-    monkeypatch.setattr(stages, "fused_sampling", no_sampling)
+    monkeypatch.setattr(fusion, "fused_sampling", no_sampling)
     fuse_epoch(run, 0, scores)
     with pytest.raises(UserError, match="scores changed"):
         fuse_epoch(run, 0, scores[::-1])

@@ -72,9 +72,10 @@ def evaluate_heldout(experiment, rng):
             write_image(model.images.image_path(i), picture(rng))
         model.images.publish(samples)
         scores[name] = [float(s) for s in rng.uniform(0.2, 0.35, size=len(samples))]
-        model.images.write_scores(scores[name])
-        model.write_settings(dict(seed=42))
-    results.write_table(comparison_table(samples, scores))
+        model.scored("clip").write_scores(scores[name], "clip")
+        model.write_settings(dict(sampling=dict(seed=42), scores=dict(clip=["clip", None, "tiny", ""])))
+    diversities = {name: {p: 0.1 for p in PROMPTS} for name in scores}
+    results.write_table(comparison_table(samples, dict(clip=scores), diversities), ["clip"])
 
 
 @pytest.fixture
@@ -248,7 +249,8 @@ def test_curves_have_plain_tick_labels_and_do_not_magnify_noise():
     from d_fusion.report import heldout_curve, training_curve
 
     metrics = [dict(epoch=0, loss=0.6931471, accuracy=0.5), dict(epoch=1, loss=0.6931472, accuracy=0.5)]
-    figures = [training_curve(metrics), heldout_curve({"template1_test": {"base": 0.3001, "checkpoint_1": 0.3003}})]
+    means = {"template1_test": {"base": 0.3001, "checkpoint_1": 0.3003}}
+    figures = [training_curve(metrics), heldout_curve(means, "clip")]
     axes = [axis for figure in figures for axis in figure.axes]
     for figure in figures:
         figure.canvas.draw()
@@ -256,3 +258,16 @@ def test_curves_have_plain_tick_labels_and_do_not_magnify_noise():
     loss, accuracy, heldout = (axis.get_ylim() for axis in axes)
     assert loss[1] - loss[0] >= 0.05 and heldout[1] - heldout[0] >= 0.05
     assert accuracy == (-0.05, 1.05)
+
+
+def test_heldout_tables_show_each_reward_and_diversity_and_the_curve_reads_the_score_files(run):
+    with open(build_report(run)) as f:
+        text = f.read()
+    for column in ("clip: base", "clip: checkpoint_0 - base", "clip: checkpoint_0 wins", "diversity: checkpoint_0"):
+        assert f"<th>{column}</th>" in text
+    from d_fusion.report import heldout_means, heldout_tables
+
+    means, reward = heldout_means(heldout_tables(run))
+    results = run.heldout("template1_test")
+    expected = {name: np.mean(results.model(name).scored("clip").read_scores()) for name in ("base", "checkpoint_0")}
+    assert reward == "clip" and means["template1_test"] == pytest.approx(expected)

@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 
 from d_fusion.datadir import ExperimentDir, write_image
 from d_fusion.errors import UserError
+from d_fusion.rewards import load_scorer_from_config
+from d_fusion.scoring import load_scorer
 from d_fusion.stages import score_pending
-from d_fusion.scoring import check_reward, load_scorer, load_scorer_from_config
 from d_fusion.shapes import world
 from d_fusion.shapes.reward import ShapesReward, shapes_score
 from d_fusion.tiny import TINY_CLIP
@@ -85,17 +86,6 @@ def test_tiny_config_builds_a_missing_scorer_on_first_use(tiny_config, clip_dir,
     scorer = load_scorer_from_config(tiny_config)
     assert sorted(os.listdir(cache / "clip")) == ["open_clip_config.json", "open_clip_model.safetensors"]
     assert scorer.score(images, PROMPTS) == pytest.approx(load_scorer(clip_dir).score(images, PROMPTS), abs=1e-6)
-
-
-def test_eval_reward_picks_the_scorer_and_checks_prompts_at_start_up(tiny_config):
-    tiny_config.eval.reward = "shapes"
-    assert isinstance(load_scorer_from_config(tiny_config), ShapesReward)
-    check_reward(tiny_config, ["a red circle above a blue square"])
-    with pytest.raises(UserError, match="a dog driving a car"):
-        check_reward(tiny_config, ["a dog driving a car"])
-    tiny_config.eval.reward = "pickscore"
-    with pytest.raises(UserError, match="known rewards: clip, shapes"):
-        load_scorer_from_config(tiny_config)
 
 
 def test_run_eval_scores_a_shapes_experiment_with_the_shapes_reward(tiny_config, tmp_path):

@@ -4,8 +4,8 @@ import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from d_fusion.sampling import sample_generators
-from d_fusion.sd3 import decode_sd3_images, encode_sd3_prompts, load_sd3_models, sample_flow_trajectories
+from d_fusion.sampling import SamplerSettings, decode_images, sample_generators, sample_trajectories
+from d_fusion.sd3 import encode_sd3_prompts, load_sd3_models
 from d_fusion.tiny import build_tiny_sd3
 from tests.test_sampling import assert_regenerates_alone_and_in_any_batch
 
@@ -13,16 +13,20 @@ PROMPT = "a cat playing chess"
 STEPS = 4
 
 
+def flow_sampler(noise_level=0.7, guidance_scale=5.0, num_steps=STEPS):
+    """SamplerSettings of SD 3's flow step (eta is not read)."""
+    return SamplerSettings(num_steps, 1.0, guidance_scale, True, noise_level)
+
+
 def sample(models, indices, prompts=None, noise_level=0.7, guidance_scale=5.0):
+    """The loop's sampling (`sampling.sample_trajectories`, the family's flow step) of `indices`."""
     prompts = prompts or [PROMPT] * len(indices)
-    return sample_flow_trajectories(
+    return sample_trajectories(
         models,
         encode_sd3_prompts(models, prompts),
         encode_sd3_prompts(models, [""]),
         sample_generators(42, 0, 8, indices),
-        num_steps=STEPS,
-        noise_level=noise_level,
-        guidance_scale=guidance_scale,
+        flow_sampler(noise_level, guidance_scale),
         progress=False,
     )
 
@@ -81,7 +85,7 @@ def test_decoded_images_equal_the_pipelines(tiny_sd3):
         [PROMPT], num_inference_steps=STEPS, guidance_scale=5.0, generator=sample_generators(42, 0, 8, [0]),
         output_type="np",
     ).images  # (1, H, W, 3) in [0, 1]
-    ours = decode_sd3_images(tiny_sd3, latents)
+    ours = decode_images(tiny_sd3, latents)
     assert ours.shape == (1, tiny_sd3.resolution, tiny_sd3.resolution, 3)
     assert abs(ours / 255.0 - theirs).max() <= 0.5 / 255 + 1e-4
 

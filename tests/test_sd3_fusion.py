@@ -4,21 +4,25 @@ import pytest
 import torch
 
 from d_fusion.attention import Record
+from d_fusion.fusion import FusionBatch, FusionSettings
+from d_fusion.injection import ComponentInjection, Injection
 from d_fusion.joint_attention import JointFusionAttnProcessor, joint_fusion_processors
 from d_fusion.masks import PromptObjects, item_selection, object_masks
-from d_fusion.sampling import sample_generators
-from d_fusion.sd3 import encode_sd3_prompts, guided_velocity, sample_flow_trajectories
-from d_fusion.sd3_fusion import JointFusionSettings, fused_flow_sampling
+from d_fusion.sampling import sample_generators, sample_trajectories
+from d_fusion.sd3 import encode_sd3_prompts, guided_velocity
+from d_fusion.sd3_fusion import fused_flow_sampling
 from tests.test_sampling import assert_equal_to_fp32_precision
+from tests.test_sd3 import flow_sampler
 
 PROMPT = "a dog driving a car"
 STEPS = 4
 ALL_STEPS = (0, STEPS)  # every step fuses: 0 <= STEPS - 1 - i < STEPS
 
 
-def settings(**kwargs):
-    return JointFusionSettings(**{"num_steps": STEPS, "noise_level": 0.7, "guidance_scale": 5.0,
-                                  "fused_steps": ALL_STEPS, **kwargs})
+def settings(fused_steps=ALL_STEPS, **kwargs):
+    """FusionSettings on SD 3: `fused_steps` is inject_t's entry (every component's), kwargs FusionSettings'."""
+    injection = Injection(*[ComponentInjection(True, fused_steps, None)] * 6)
+    return FusionSettings(injection, flow_sampler(num_steps=STEPS), **kwargs)
 
 
 def generators(indices):
@@ -33,17 +37,18 @@ def objects(models, thresholds, references=1):
 
 def fuse(models, fusion_settings, thresholds=(0.003, 0.003), references=(0,), bases=(5, 6), guide=(0, 0)):
     weights, item_thresholds = objects(models, thresholds, len(references))
-    return fused_flow_sampling(
-        models, encode_sd3_prompts(models, [PROMPT] * len(references)), encode_sd3_prompts(models, [""]),
-        generators(references), generators(bases), torch.tensor(guide), weights, item_thresholds, fusion_settings,
+    batch = FusionBatch(
+        encode_sd3_prompts(models, [PROMPT] * len(references)), generators(references), generators(bases),
+        torch.tensor(guide), weights, item_thresholds,
     )
+    return fused_flow_sampling(models, batch, encode_sd3_prompts(models, [""]), fusion_settings)
 
 
 def stored(models, indices):
     """Trajectories of `indices` as sampling makes them."""
-    return sample_flow_trajectories(
+    return sample_trajectories(
         models, encode_sd3_prompts(models, [PROMPT] * len(indices)), encode_sd3_prompts(models, [""]),
-        generators(indices), STEPS, 0.7, 5.0, progress=False,
+        generators(indices), flow_sampler(), progress=False,
     )
 
 

@@ -8,7 +8,15 @@ import pytest
 from config.config import RERUN_MAY_CHANGE, get_config
 from d_fusion.datadir import ExperimentDir, read_json, write_json
 from d_fusion.errors import UserError
-from d_fusion.settings import DOMAINS, changed_settings, check_settings, flatten, may_change, record_or_compare
+from d_fusion.settings import (
+    DOMAINS,
+    changed_settings,
+    check_settings,
+    compare_scoring,
+    flatten,
+    may_change,
+    record_or_compare,
+)
 
 
 def test_every_domain_is_a_setting_and_the_defaults_are_inside():
@@ -64,6 +72,21 @@ def test_a_rerun_lists_every_changed_setting_that_shapes_results(tmp_path):
     expected = "eval.reward: 'clip' -> 'shapes'; sample.eta: 1.0 -> 0.5; train.preferred: 'target' -> 'reference'."
     assert expected in listed
     assert "num_epochs" not in listed and "thumbnail" not in listed and "inline" not in listed
+
+
+def test_the_scorer_is_held_to_the_recorded_reward_and_its_models(tmp_path):
+    experiment = ExperimentDir(str(tmp_path), "x")
+    compare_scoring(get_config(), experiment)  # nothing recorded yet: nothing to compare
+    record_or_compare(get_config(), experiment)
+    config = get_config()
+    config.sample.eta, config.eval.batch_size = 0.5, 2  # not the scorer's business / may change
+    compare_scoring(config, experiment)
+    config.eval.reward, config.eval.pickscore_model = "clip:1,pickscore:1", "my/PickScore"
+    with pytest.raises(UserError) as error:
+        compare_scoring(config, experiment)
+    listed = str(error.value)
+    assert "eval.pickscore_model: 'yuvalkirstain/PickScore_v1' -> 'my/PickScore'; eval.reward: 'clip' -> " in listed
+    assert "eta" not in listed
 
 
 def test_fields_the_record_lacks_are_not_compared_and_a_damaged_record_is_named(tmp_path):

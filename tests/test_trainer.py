@@ -1,4 +1,5 @@
-"""The trainer (docs/METHOD.md §7): LoRA policy vs reference, log-prob recomputation, one step of each algorithm."""
+"""The trainer (docs/METHOD.md §7, §8): LoRA policy vs reference, log-prob recomputation, one step of each
+algorithm, DPOK's KL and ratio at initialisation."""
 
 import math
 
@@ -113,6 +114,37 @@ def test_steps_with_std_0_are_never_trained_on(fresh_tiny_sd, tiny_config):
     assert math.isfinite(metrics["loss"]) and all(torch.isfinite(p).all() for p in trainer.params)
 
 
+def dpok_trainer(models, config, learning_rate=1e-3):
+    config = small(config)
+    config.train.algorithm, config.train.kl_weight = "dpok", 1.0
+    config.train.learning_rate, config.train.eps = learning_rate, 0.5
+    return make_trainer(config, models)
+
+
+def test_dpok_at_initialisation_kl_is_0_and_every_ratio_is_1(fresh_tiny_sd, tiny_config):
+    trajectories, embeds = sample(fresh_tiny_sd, "a cat playing chess", [0, 1])
+    tiny_config.train.gradient_accumulation_steps = 2  # one optimizer step, after every timestep's loss
+    tiny_config.train.compute_batch_size = 1  # one row per UNet call, as logp_old is recomputed below
+    trainer = dpok_trainer(fresh_tiny_sd, tiny_config)
+    # logp_old as training recomputes it (one trajectory at a time), so that the ratio is exactly 1
+    policy = trainer.policy
+    one_by_one = [policy.trajectory_log_probs(trajectories[i : i + 1], embeds[:1]) for i in range(2)]
+    trajectories.log_probs = torch.cat(one_by_one)
+    advantages = torch.tensor([1.0, -0.5])
+    metrics = trainer.train_samples(ScoredSamples(trajectories, embeds, advantages), epoch=0)
+    assert metrics["kl"] == 0 and metrics["abs_log_ratio"] == 0 and metrics["clipped"] == 0
+    assert metrics["loss"] == pytest.approx(-advantages.mean().item(), abs=1e-7)  # -A x ratio 1, KL 0
+
+
+def test_one_dpok_step_raises_the_log_prob_of_a_positive_advantage(fresh_tiny_sd, tiny_config):
+    trajectories, embeds = sample(fresh_tiny_sd, "a cat playing chess", [0])
+    trainer = dpok_trainer(fresh_tiny_sd, tiny_config)
+    before = trainer.policy.trajectory_log_probs(trajectories, embeds)
+    trainer.train_samples(ScoredSamples(trajectories, embeds, torch.tensor([1.0])), epoch=0)
+    assert (trainer.policy.trajectory_log_probs(trajectories, embeds) - before).mean() > 0
+    assert log_ratios(trainer, trajectories, embeds).abs().max() > 0  # away from the reference: the KL is > 0 now
+
+
 def test_bad_training_config_is_a_user_error(fresh_tiny_sd, tiny_config):
     tiny_config.train.algorithm = "ppo"
     with pytest.raises(UserError, match="algorithm"):
@@ -122,6 +154,11 @@ def test_bad_training_config_is_a_user_error(fresh_tiny_sd, tiny_config):
     with pytest.raises(UserError, match="eta"):
         make_trainer(tiny_config, fresh_tiny_sd)
     tiny_config.sample.eta = 1.0
+    tiny_config.train.algorithm, tiny_config.train.stat_buffer, tiny_config.train.stat_min_count = "dpok", 8, 16
+    with pytest.raises(UserError, match="stat_min_count = 16 exceeds config.train.stat_buffer = 8"):
+        check_training_inputs(tiny_config)
+    tiny_config.train.stat_buffer = 0  # off: stat_min_count is not read
+    check_training_inputs(tiny_config)
     tiny_config.train.save_interval = 0
     with pytest.raises(UserError, match="save_interval"):
         check_training_inputs(tiny_config)

@@ -43,7 +43,7 @@ def sample_with_masks(models, config, prompts, seed, thresholds=THRESHOLDS):
     levels = torch.tensor(thresholds).repeat(len(prompts), count)  # (B, I * K)
     generators = sample_generators(seed, 0, len(prompts), range(len(prompts)))
     batch = FusionBatch(conditioning, generators, sample_generators(seed, 0, len(prompts), [0]), torch.tensor([0]), weights, levels)
-    fused = fused_sampling(models.unet, models.scheduler, batch, negative_conditioning(models), fusion_settings(config))
+    fused = fused_sampling(models.unet, models.scheduler, batch, negative_conditioning(models), fusion_settings(config, models))
     images = decode_images(models, fused.references.latents[:, -1])
     masks = fused.reference_masks.unflatten(2, (count, len(thresholds)))  # (B, T, I, K, g, g)
     return images, masks

@@ -234,7 +234,7 @@ def fully_aligned(image, prompt):
 
 
 class ShapesReward:
-    """The scorer interface (`d_fusion.scoring`): `score(images, prompts)` -> list of floats in [0, 1]."""
+    """The reward interface (`d_fusion.rewards`): `score(images, prompts)` -> list of floats in [0, 1]."""
 
     name = "shapes"
 
@@ -246,6 +246,11 @@ class ShapesReward:
     def check_prompts(prompts):
         for prompt in prompts:
             scene_of(prompt)
+
+    @staticmethod
+    def settings(config):
+        """Nothing but its name decides its scores."""
+        return []
 
     def score(self, images, prompts):
         if len(images) != len(prompts):
