@@ -352,7 +352,7 @@ class Trainer:
         """{(item, step): (2,) [logp_ref(w), logp_ref(l)]} of every distinct row of `rows`, without gradients,
         `train.reference_batch_size` pairs per UNet call: the reference does not change during an epoch."""
         table = {}
-        with reference_policy(self.models.unet), self.accelerator.autocast():
+        with reference_policy(self.models.denoiser), self.accelerator.autocast():
             for items, steps in chunks(list(dict.fromkeys(rows)), self.train.reference_batch_size):
                 log_prob, _ = self.policy.transition(*pair_rows(pairs, items, steps))
                 for row, value in zip(zip(items.tolist(), steps.tolist()), log_prob.view(2, -1).T.cpu()):
