@@ -99,16 +99,21 @@ def _looks_like_hub_id(name):
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not os.path.exists(name)
 
 
+def check_parts(folder, parts, what):
+    """A UserError naming the subfolders `parts` that the model folder lacks, and what to pass (`what`)."""
+    missing = [p for p in parts if not os.path.isdir(os.path.join(folder, p))]
+    if missing:
+        raise UserError(
+            f"config.pretrained.model = {folder!r} is a folder but lacks {', '.join(p + '/' for p in missing)}: "
+            f"pass {what}"
+        )
+
+
 def check_model_path(name):
     """Fail early, with what to pass, when `name` is neither a diffusers folder nor a hub id."""
     if os.path.isdir(name):
-        missing = [p for p in PARTS if not os.path.isdir(os.path.join(name, p))]
-        if missing:
-            raise UserError(
-                f"config.pretrained.model = {name!r} is a folder but lacks {', '.join(p + '/' for p in missing)}: "
-                "pass a diffusers Stable Diffusion folder (unet/ or transformer/, vae/, text_encoder/, tokenizer/, "
-                "scheduler/)"
-            )
+        what = "a diffusers Stable Diffusion folder (unet/ or transformer/, vae/, text_encoder/, tokenizer/, scheduler/)"
+        check_parts(name, PARTS, what)
         return
     if not _looks_like_hub_id(name):
         raise UserError(

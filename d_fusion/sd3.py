@@ -21,10 +21,9 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from d_fusion.errors import UserError
 from d_fusion.families import Conditioning, StableDiffusion3Family
 from d_fusion.flow import flow_step_mean, flow_step_std, flow_step_with_logprob
-from d_fusion.models import LatentModel, check_hub_reachable, freeze, inference_dtype, loading_error, resolve_device
+from d_fusion.models import LatentModel, check_hub_reachable, check_parts, freeze, inference_dtype, loading_error, resolve_device
 from d_fusion.sampling import guided, row_timesteps
 
 log = logging.getLogger(__name__)
@@ -59,12 +58,7 @@ def load_sd3_models(model, revision="main", mixed_precision="fp16", dev_id=0, t5
     """Every part of SD 3 / 3.5, frozen, on the device, in the inference dtype; T5 only when the
     model has one and `t5` is on (without it, its tokens are zeros, as the pipeline does)."""
     if os.path.isdir(model):
-        missing = [p for p in PARTS if not os.path.isdir(os.path.join(model, p))]
-        if missing:
-            raise UserError(
-                f"config.pretrained.model = {model!r} lacks {', '.join(p + '/' for p in missing)}: "
-                "pass a diffusers Stable Diffusion 3 folder"
-            )
+        check_parts(model, PARTS, "a diffusers Stable Diffusion 3 folder")
     else:
         check_hub_reachable(model, revision)
     device = resolve_device(dev_id)
